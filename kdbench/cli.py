@@ -1,0 +1,300 @@
+"""The command line: ``python -m kdbench run | list | table | status``.
+
+Argument checking happens here, before anything is written: a user's mistake is one clear
+line and exit code 2, and results already stored are never touched by it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from kdbench import registry, settings
+from kdbench.errors import UserError
+
+EXIT_USAGE = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but its errors are our one-line errors (exit 2, no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--methods", type=comma_list, default=None,
+                        help="comma-separated methods (see `kdbench list`); the student alone "
+                             "(vanilla) is always added as the baseline row")
+    parser.add_argument("--seeds", type=positive_int, default=None,
+                        help="number of seeds: 0, 1, ..., N-1 (default 5)")
+    parser.add_argument("--seed-list", type=comma_list, default=None,
+                        help="explicit seeds instead of --seeds, e.g. 3,7,11")
+    parser.add_argument("--setting", type=comma_list, default=None,
+                        help=f"setting names or patterns (default {settings.DEFAULT_SETTING}; "
+                             f"offline: {settings.QUICK_SETTING})")
+    parser.add_argument("--results", type=Path, default=Path("results"),
+                        help="results directory (default ./results)")
+    parser.add_argument("--epochs", type=positive_int, help="override the recipe's epochs (students)")
+    parser.add_argument("--batch-size", type=positive_int, help="override the recipe's batch size")
+    parser.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    parser.add_argument("--set", dest="assignments", action="append", default=[],
+                        metavar="METHOD.FIELD=VALUE", help="set a method config field (typed)")
+    parser.add_argument("--teacher-seed", type=int, default=0)
+    parser.add_argument("--teacher-checkpoint", type=Path,
+                        help="use this teacher state_dict instead of training one")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="kdbench", description=(
+        "Compare knowledge-distillation methods over seeds and write paper-ready tables."))
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    run = commands.add_parser("run", help="train a grid of methods × seeds (resumable)")
+    add_grid_arguments(run)
+    run.add_argument("--executor", choices=["local", "slurm", "inprocess"], default="local",
+                     help="where runs happen (default local)")
+    run.add_argument("--jobs", type=positive_int, default=None,
+                     help="local executor: runs at once (default: 2 on a CPU with ≥2 cores, 1 on a GPU)")
+    run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    run.add_argument("--precision", choices=["fp32", "bf16"],
+                     help="default bf16 on CUDA, fp32 on the CPU")
+    run.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    run.add_argument("--data-dir", type=Path, help="where datasets live (default ./data or $KDBENCH_DATA)")
+    run.add_argument("--no-table", action="store_true", help="do not print the table at the end")
+    run.add_argument("--dry-run", action="store_true", help="show what would run, run nothing")
+
+    commands.add_parser("list", help="methods (with their papers), settings and architectures")
+
+    status = commands.add_parser("status", help="done / failed / running / missing runs of a grid")
+    add_grid_arguments(status)
+
+    table = commands.add_parser("table", help="mean ± std table from stored results")
+    from kdbench.report import add_table_arguments
+
+    add_table_arguments(table)
+    return parser
+
+
+# --- checking the grid ----------------------------------------------------------------------
+
+def parse_assignments(assignments: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """``--set kd.temperature=2`` → {"kd": {"temperature": 2.0}}, typed by the method's Config."""
+    from kdbench.method import parse_config_value
+
+    config: dict[str, dict[str, Any]] = {}
+    for assignment in assignments:
+        key, equals, raw = assignment.partition("=")
+        method, dot, field = key.partition(".")
+        if not equals or not dot or not field:
+            raise UserError(f"--set {assignment!r}: expected METHOD.FIELD=VALUE, e.g. kd.temperature=2")
+        if method not in methods:
+            raise UserError(f"--set {assignment!r}: method {method!r} is not in --methods ({', '.join(methods)})")
+        config_class = registry.get(method).Config
+        try:
+            value = parse_config_value(config_class, field, raw)
+        except KeyError:
+            known = ", ".join(config_class.field_types()) or "none"
+            raise UserError(f"--set {assignment!r}: {method} has no field {field!r} (fields: {known})") from None
+        except ValueError as error:
+            raise UserError(f"--set {assignment!r}: {error}") from None
+        config.setdefault(method, {})[field] = value
+    return config
+
+
+def check_results_dir(results: Path) -> None:
+    """Fail before training when results cannot be written, not after hours of it."""
+    if results.exists() and not results.is_dir():
+        raise UserError(f"results directory {results} is a file")
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=results, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise UserError(f"results directory {results} is not writable: {error.strerror or error}") from None
+
+
+def grid_from_args(args: argparse.Namespace, creating: bool):
+    from kdbench.grid import Grid, with_baseline
+
+    methods = with_baseline(args.methods if args.methods else ["kd"])
+    for method in methods:
+        registry.get(method)  # unknown or broken (import fails): one line, exit 2
+    if args.seed_list:
+        try:
+            seeds = [int(seed) for seed in args.seed_list]
+        except ValueError:
+            raise UserError(f"--seed-list: expected whole numbers, got {','.join(args.seed_list)}") from None
+        if len(set(seeds)) != len(seeds):
+            raise UserError("--seed-list: a seed is listed twice")
+    else:
+        seeds = list(range(args.seeds or 5))
+    chosen = settings.expand(args.setting or [settings.DEFAULT_SETTING])
+    overrides = {key: value for key, value in
+                 (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
+                 if value is not None}
+    if "lr" in overrides and not overrides["lr"] > 0:
+        raise UserError(f"--lr must be positive, got {overrides['lr']}")
+    config = parse_assignments(args.assignments, methods)
+    checksum = None
+    if args.teacher_checkpoint is not None:
+        from kdbench.store import Store
+        from kdbench.teachers import register_checkpoint
+
+        if len(chosen) != 1:
+            raise UserError("--teacher-checkpoint needs exactly one --setting")
+        if creating:
+            check_results_dir(args.results)
+            checksum = register_checkpoint(args.teacher_checkpoint, chosen[0], Store(args.results),
+                                           args.teacher_seed)
+        else:
+            from kdbench.teachers import sha256_file
+
+            checksum = sha256_file(args.teacher_checkpoint)
+    return Grid(tuple(s.name for s in chosen), tuple(methods), tuple(seeds), config, overrides,
+                args.teacher_seed, checksum), chosen
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+def command_run(args: argparse.Namespace) -> int:
+    from kdbench import data
+    from kdbench.grid import state_of
+    from kdbench.store import Store
+
+    grid, chosen = grid_from_args(args, creating=False)
+    for setting in chosen:
+        data.require(setting.dataset, args.data_dir)
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        raise UserError(f"--data-dir {args.data_dir} does not exist")
+    check_results_dir(args.results)
+    if args.teacher_checkpoint is not None:
+        grid, chosen = grid_from_args(args, creating=True)
+    store = Store(args.results)
+    students = grid.students()
+    # Teachers are trained (or a given checkpoint evaluated) even when only the baseline runs:
+    # the teacher row belongs in every table.
+    teachers = grid.teachers()
+    todo_teachers = [spec for spec in teachers if state_of(spec, store).state != "done"]
+    todo_students = [spec for spec in students if state_of(spec, store).state != "done"]
+    stored = len(students) - len(todo_students)
+    total = len(students)
+    print(f"kdbench: {total} student runs ({len(grid.methods)} methods × {len(grid.seeds)} seeds × "
+          f"{len(grid.settings)} setting{'s' if len(grid.settings) > 1 else ''}); "
+          f"{stored} already stored, {len(todo_students)} to train"
+          + (f", plus {len(todo_teachers)} teacher{'s' if len(todo_teachers) > 1 else ''}" if todo_teachers else "")
+          + f"; results in {args.results}/", flush=True)
+    failed = []
+    if not todo_students and not todo_teachers:
+        print("kdbench: nothing to train: every result is stored", flush=True)
+    elif args.dry_run:
+        for spec in todo_teachers + todo_students:
+            print(f"  would run {spec.label()} ({spec.id})")
+        return 0
+    else:
+        results = launch_grid(args, todo_teachers, todo_students, chosen)
+        failed = [result for result in results if result.status != "done"]
+        if failed:
+            print(f"kdbench: {len(failed)} run{'s' if len(failed) > 1 else ''} failed "
+                  "(stored with their errors; `kdbench status` shows them, re-running retries them):",
+                  file=sys.stderr)
+            for result in failed:
+                print(f"  {result.spec.label()} ({result.spec.id}): {result.error}", file=sys.stderr)
+    if not args.no_table:
+        table_args = build_parser().parse_args(
+            ["table", "--results", str(args.results), "--settings", ",".join(grid.settings),
+             "--methods", ",".join(grid.methods)])
+        print()
+        try:
+            from kdbench.report import table_command
+
+            table_command(table_args)
+        except UserError as error:  # e.g. every run failed: nothing to tabulate
+            print(f"kdbench: no table: {error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def launch_grid(args: argparse.Namespace, teachers, students, chosen) -> list:
+    from kdbench.launch import make_executor
+    from kdbench.progress import ProgressDisplay
+    from kdbench.train import TrainOptions
+
+    import torch
+
+    on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs = args.jobs or (1 if on_gpu else min(2, cores))
+    options = TrainOptions(device=args.device, precision=args.precision, compile=args.compile,
+                           data_dir=args.data_dir)
+    if not on_gpu and args.executor != "slurm":
+        from kdbench.estimate import cpu_cost_warning
+
+        warning = cpu_cost_warning(teachers, students, chosen, jobs, args.data_dir)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
+    display = ProgressDisplay(len(teachers) + len(students))
+    executor = make_executor(args.executor, jobs=jobs, display=display)
+    try:
+        return executor.run(teachers, students, args.results, options)
+    finally:
+        display.close()
+
+
+def command_list(args: argparse.Namespace) -> int:
+    from kdbench.models import FAMILY_EXAMPLES, KNOWN_ARCHITECTURES
+
+    print("Methods (kdbench.methods entry points):")
+    for name in registry.names():
+        name, paper, origin = registry.describe(name)
+        print(f"  {name:<10} {paper}\n  {'':<10} [{origin}]")
+    print("\nSettings:")
+    for setting in settings.SETTINGS.values():
+        default = "  (default)" if setting.name == settings.DEFAULT_SETTING else ""
+        print(f"  {setting.name:<36} {setting.description}{default}")
+    print("\nArchitectures:", ", ".join(KNOWN_ARCHITECTURES))
+    return 0
+
+
+def command_status(args: argparse.Namespace) -> int:
+    from kdbench.status import print_status
+
+    return print_status(args)
+
+
+COMMANDS = {"run": command_run, "list": command_list, "status": command_status}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "table":
+            from kdbench.report import table_command
+
+            return table_command(args)
+        return COMMANDS[args.command](args)
+    except UserError as error:
+        print(f"kdbench: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kdbench: interrupted; finished epochs are checkpointed: run the same command to resume",
+              file=sys.stderr)
+        return 130

@@ -1,0 +1,69 @@
+"""What a grid will cost on this CPU, measured, not guessed: time one training step of each
+network pair here and multiply by the grid's steps. Printed before a CPU run starts, so a
+user who launched the CIFAR default on a laptop knows within seconds that it means days."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kdbench.data import DATASET_SHAPES, DATASET_SIZES
+from kdbench.models import build_model
+from kdbench.settings import Setting
+from kdbench.spec import RunSpec
+
+
+def seconds_per_step(arch: str, teacher_arch: str | None, setting: Setting, batch_size: int) -> float:
+    """One SGD step of ``arch`` (plus a forward of ``teacher_arch``), timed after a warm-up."""
+    channels, classes = DATASET_SHAPES[setting.dataset]
+    _, size = DATASET_SIZES[setting.dataset]
+    model = build_model(arch, classes, channels)
+    teacher = build_model(teacher_arch, classes, channels).eval() if teacher_arch else None
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    images = torch.randn(batch_size, channels, size, size)
+    labels = torch.randint(0, classes, (batch_size,))
+    timings = []
+    for _ in range(3):
+        started = time.perf_counter()
+        if teacher is not None:
+            with torch.no_grad():
+                teacher(images)
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        timings.append(time.perf_counter() - started)
+    return min(timings[1:])
+
+
+def cpu_cost_warning(teachers: list[RunSpec], students: list[RunSpec], chosen: list[Setting],
+                     jobs: int, data_dir=None) -> str | None:
+    if not teachers and not students:
+        return None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // jobs))
+    try:
+        total = 0.0
+        for setting in chosen:
+            n_train = min(DATASET_SIZES[setting.dataset][0], setting.train_subset or math.inf)
+            mine = [spec for spec in students if spec.setting == setting.name]
+            if any(spec.setting == setting.name for spec in teachers):
+                recipe = setting.teacher_recipe
+                steps = recipe.epochs * math.ceil(n_train / recipe.batch_size)
+                total += steps * seconds_per_step(setting.teacher, None, setting, recipe.batch_size)
+            if mine:
+                recipe = setting.recipe.with_overrides(mine[0].overrides)
+                steps = recipe.epochs * math.ceil(n_train / recipe.batch_size)
+                total += len(mine) * steps * seconds_per_step(
+                    setting.student, setting.teacher, setting, recipe.batch_size)
+    finally:
+        torch.set_num_threads(threads)
+    hours = total / jobs / 3600
+    if hours < 0.25:
+        return f"kdbench: no GPU: running on the CPU, about {hours * 60:.0f} min for this grid"
+    return (f"kdbench: warning: no GPU: this grid will take about {hours:.1f} hours on this CPU "
+            f"({jobs} runs at a time, measured step times; excludes evaluation). "
+            "Use --executor slurm for a GPU cluster, or --setting fashion_mnist/quick for a quick check")

@@ -1,0 +1,223 @@
+"""The plugin interface every distillation method implements.
+
+A method is one file: a pure loss function, a frozen ``Config`` dataclass whose defaults cite
+their source, and a thin ``Method`` subclass (mdistiller's shape). What a method needs from the
+networks is *declared* (``student_taps``/``teacher_taps``, by role), never special-cased in the
+training loop, so adding a method touches one file and one entry-point line.
+
+The engine (``kdbench.train``) calls, in order:
+
+1. ``method = MethodClass(config)``
+2. ``method.build(student_shapes, teacher_shapes, num_train)`` after a dry forward pass, to
+   create extra trainable modules (regressors, attention networks, projections) of the right
+   size;
+3. for each ``PretrainStage`` in ``method.pretrain_stages(student)``: the stage's own epochs
+   over its own trainable parameters with its own loss;
+4. each training step of the main stage: ``terms = method.loss(s, t, batch, progress)`` and
+   ``method.backward(terms, student_parameters, progress)``; the engine adds the ``ce`` term
+   weighted by ``method.ce_weight``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+# Feature roles a method can ask for. They name *what* a feature is, not where it lives in a
+# particular architecture; each model maps them to its own modules (models/*.py).
+STAGES = "stages"  # output of the last block of every stage, shallow to deep: list[(B,C,H,W)]
+EMBEDDING = "embedding"  # the pooled penultimate vector, the classifier's input: (B, D)
+ROLES = frozenset({STAGES, EMBEDDING})
+
+
+@dataclass
+class Features:
+    """What the engine hands a method for one network on one batch."""
+
+    logits: Tensor
+    stages: list[Tensor] = field(default_factory=list)
+    embedding: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class FeatureShapes:
+    """Shapes (without the batch dimension) from a dry forward pass, for ``build``."""
+
+    stages: tuple[tuple[int, ...], ...]
+    embedding: tuple[int, ...]
+    num_classes: int
+
+
+@dataclass
+class Batch:
+    images: Tensor  # normalised and augmented, (B, C, H, W)
+    labels: Tensor  # (B,) int64
+    index: Tensor  # (B,) positions in the training set (for methods that keep a memory bank)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training is. ``epoch`` counts the main (student) stage from 0."""
+
+    epoch: int
+    epochs: int
+    step: int  # step within the epoch
+    steps_per_epoch: int
+    pretrain_epochs: int  # epochs spent in pre-training stages before the main stage
+
+    @property
+    def fraction(self) -> float:
+        return (self.epoch + self.step / max(self.steps_per_epoch, 1)) / max(self.epochs, 1)
+
+
+@dataclass
+class PretrainStage:
+    """A stage run before the main one, with its own epochs, trainable set and loss.
+
+    FitNets' stage 1 trains the student up to its guided layer plus the regressor;
+    MHGD's stage 1 trains the attention networks alone on the teacher.
+    """
+
+    name: str
+    epochs: int
+    # (s, t, batch) -> named loss terms; ``s`` is None when the student is not run.
+    loss: Callable[[Features | None, Features, Batch], dict[str, Tensor]]
+    modules: list[nn.Module]  # the method's modules trained in this stage
+    # Train the student parameters that feed stage output ``k`` (FitNets' "up to the guided
+    # layer"); None: the student is neither run nor trained.
+    student_up_to_stage: int | None = None
+    # Whether the stage follows the setting's learning-rate schedule (scaled to its own epochs)
+    # or keeps the initial rate constant.
+    lr_schedule: str = "constant"
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's frozen config. Fields must be JSON scalars or lists of them."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "MethodConfig":
+        """Inverse of ``to_json``: JSON has no tuples, so tuple fields come back as lists."""
+        types = cls.field_types()
+        unknown = set(data) - set(types)
+        if unknown:
+            raise KeyError(", ".join(sorted(unknown)))
+        values = {
+            key: tuple(value) if typing.get_origin(types[key]) is tuple else value
+            for key, value in data.items()
+        }
+        return cls(**values)
+
+    @classmethod
+    def field_types(cls) -> dict[str, type]:
+        hints = typing.get_type_hints(cls)
+        return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+class Method(nn.Module):
+    """Base class of every distillation method. Subclasses are ``nn.Module``s so that their
+    extra trainable modules are saved, restored and moved to the device with them."""
+
+    name: ClassVar[str]  # the registry/CLI name (= the file name of a built-in)
+    paper: ClassVar[str]  # citation shown by ``kdbench list``
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    student_taps: ClassVar[frozenset[str]] = frozenset()
+    teacher_taps: ClassVar[frozenset[str]] = frozenset()
+    uses_teacher: ClassVar[bool] = True
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else self.Config()
+
+    @property
+    def ce_weight(self) -> float:
+        """Weight of the engine's cross-entropy term (KD uses γ = 0.1, for example)."""
+        return 1.0
+
+    def build(
+        self,
+        student_shapes: FeatureShapes,
+        teacher_shapes: FeatureShapes | None,
+        num_train: int,
+    ) -> None:
+        """Create extra trainable modules sized from a dry forward pass. Default: none."""
+
+    def pretrain_stages(self) -> list[PretrainStage]:
+        return []
+
+    def loss(
+        self, s: Features, t: Features | None, batch: Batch, progress: Progress
+    ) -> dict[str, Tensor]:
+        """Named loss terms, already weighted. The engine adds ``ce``."""
+        return {}
+
+    def backward(
+        self, terms: Mapping[str, Tensor], student_parameters: list[nn.Parameter], progress: Progress
+    ) -> None:
+        """Turn the loss terms into gradients. Default: back-propagate their sum.
+
+        Override for a custom gradient rule (MHGD clips each transfer gradient to the CE
+        gradient's norm); the optimiser then adds weight decay and steps."""
+        torch.stack([term for term in terms.values()]).sum().backward()
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """Extra modules trained with the student in the main stage. Default: all children."""
+        return list(self.children())
+
+    def extra_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def parse_config_value(config_class: type[MethodConfig], key: str, raw: str) -> Any:
+    """Parse ``raw`` (from ``--set method.key=raw``) to the field's declared type.
+
+    Raises KeyError for an unknown field and ValueError for a value of the wrong type."""
+    types = config_class.field_types()
+    if key not in types:
+        raise KeyError(key)
+    wanted = types[key]
+    origin = typing.get_origin(wanted)
+    if wanted is bool:
+        lowered = raw.strip().lower()
+        if lowered in {"true", "1", "yes"}:
+            return True
+        if lowered in {"false", "0", "no"}:
+            return False
+        raise ValueError(f"expected true/false, got {raw!r}")
+    if wanted is int:
+        return int(raw)
+    if wanted is float:
+        return float(raw)
+    if wanted is str:
+        return raw
+    if origin in (tuple, list):
+        (item_type, *_) = typing.get_args(wanted) or (str,)
+        items = [part for part in raw.split(",") if part.strip()]
+        return tuple(item_type(part) for part in items)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        options = [option for option in typing.get_args(wanted) if option is not type(None)]
+        if raw.strip().lower() in {"none", "null"}:
+            return None
+        for option in options:
+            try:
+                return option(raw)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(f"cannot parse {raw!r} as {wanted}")
+    raise ValueError(f"field type {wanted} cannot be set from the command line")
+
+
+def iter_parameters(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for parameter in module.parameters():
+            seen.setdefault(id(parameter), parameter)
+    return list(seen.values())

@@ -1,0 +1,105 @@
+"""Method name -> Method class, filled lazily from the ``kdbench.methods`` entry-point group.
+
+Built-in methods are registered through the same entry-point group as third-party ones (see
+pyproject.toml), so the plugin path is the only path. Classes are imported only when asked
+for by name: a plugin whose import fails cannot break a run of other methods; it is listed
+with its error instead. Two distributions registering the same name is an error, not a
+silent overwrite.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import inspect
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib.metadata import EntryPoint, entry_points
+
+from kdbench.errors import UserError
+from kdbench.method import Method
+
+GROUP = "kdbench.methods"
+
+
+class UnknownMethod(UserError):
+    pass
+
+
+class BrokenPlugin(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    target: str  # "module:Class"
+    distribution: str  # the package that registered it
+
+
+@lru_cache(maxsize=1)
+def registrations() -> dict[str, list[Registration]]:
+    found: dict[str, list[Registration]] = {}
+    for entry in entry_points(group=GROUP):
+        distribution = entry.dist.name if entry.dist is not None else "?"
+        registration = Registration(entry.name, entry.value, distribution)
+        same = found.setdefault(entry.name, [])
+        if registration not in same:  # one distribution seen twice on sys.path is not a clash
+            same.append(registration)
+    return found
+
+
+def names() -> list[str]:
+    return sorted(registrations())
+
+
+def suggest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
+    if close:
+        return "did you mean " + " or ".join(close) + "?"
+    return "known: " + ", ".join(candidates)
+
+
+@lru_cache(maxsize=None)
+def get(name: str) -> type[Method]:
+    """The Method class registered as ``name``. Raises UserError for a user's mistake."""
+    found = registrations().get(name)
+    if not found:
+        raise UnknownMethod(f"unknown method {name!r}; {suggest(name, names())}")
+    if len(found) > 1:
+        owners = ", ".join(f"{r.distribution} ({r.target})" for r in found)
+        raise BrokenPlugin(f"method {name!r} is registered twice: {owners}; uninstall one")
+    registration = found[0]
+    try:
+        loaded = EntryPoint(name, registration.target, GROUP).load()
+    except Exception as error:  # any import-time error of a plugin is the plugin's, not ours
+        raise BrokenPlugin(
+            f"method {name!r} ({registration.target}, from {registration.distribution}) "
+            f"failed to import: {type(error).__name__}: {error}"
+        ) from error
+    if not (inspect.isclass(loaded) and issubclass(loaded, Method)):
+        raise BrokenPlugin(f"method {name!r} ({registration.target}) is not a kdbench Method")
+    if getattr(loaded, "name", None) != name:
+        raise BrokenPlugin(
+            f"method {name!r} ({registration.target}) declares name {getattr(loaded, 'name', None)!r}"
+        )
+    return loaded
+
+
+def source_sha256(method: type[Method]) -> str:
+    """Hash of the file that defines a method: records say exactly which code produced them."""
+    path = inspect.getsourcefile(method)
+    if path is None:
+        return "unknown"
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def describe(name: str) -> tuple[str, str, str]:
+    """(name, paper or error, origin) for ``kdbench list``; never raises for a broken plugin."""
+    registration = registrations()[name][0]
+    origin = f"{registration.distribution}: {registration.target}"
+    try:
+        return name, get(name).paper, origin
+    except UserError as error:
+        return name, f"BROKEN: {error}", origin

@@ -1,0 +1,136 @@
+"""The results store: one JSON file per run, written atomically.
+
+Layout under the results directory (default ``results/``)::
+
+    runs/<run id>.json          one record per run (students and teachers alike)
+    checkpoints/<run id>.pt     the last epoch's checkpoint of a run in progress
+    teachers/<run id>.pt        trained teacher weights (kept: every student reuses them)
+    locks/                      file locks that keep two launches from training one teacher
+
+A record is plain JSON so that tables can be rebuilt anywhere from records copied off a
+cluster (``aggregate``/``tables`` import no torch). Its fields::
+
+    id            the RunSpec's stable id (hash of its canonical JSON)
+    status        "done" | "failed"
+    spec          the RunSpec as a dict: setting, method, seed, role ("teacher"|"student"),
+                  config (the method's full config), overrides (epochs, batch_size, lr, ...),
+                  teacher_seed
+    setting       the resolved setting: name, dataset, teacher, student, num_classes,
+                  recipe (epochs, batch_size, lr, momentum, nesterov, weight_decay, ...)
+    metrics       top1_last, top1_best, top5_last, top5_best, best_epoch (percent, 1-based epoch)
+    history       [{stage, epoch, loss, terms{name: value}, top1, top5, lr, seconds}, ...]
+    error         null, or {type, message, traceback, step}
+    wall_seconds, images_per_second, extra_parameters
+    provenance    kdbench_version, git_commit, torch_version, device, precision,
+                  method_source_sha256, hostname, slurm_job_id, finished_at
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class CorruptRecord(Exception):
+    """A file in runs/ that is not a readable record (truncated write, foreign file)."""
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` so that readers see the old file or the new one, never a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class Store:
+    root: Path
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def teachers_dir(self) -> Path:
+        return self.root / "teachers"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / "locks"
+
+    def record_path(self, run_id: str) -> Path:
+        return self.runs_dir / f"{run_id}.json"
+
+    def checkpoint_path(self, run_id: str) -> Path:
+        return self.checkpoints_dir / f"{run_id}.pt"
+
+    def teacher_path(self, run_id: str) -> Path:
+        return self.teachers_dir / f"{run_id}.pt"
+
+    def write(self, record: dict[str, Any]) -> Path:
+        path = self.record_path(record["id"])
+        text = json.dumps(record, indent=1, sort_keys=True, allow_nan=True)
+        write_atomically(path, text.encode())
+        return path
+
+    def read(self, run_id: str) -> dict[str, Any] | None:
+        """The record of ``run_id``; None when there is none. Raises CorruptRecord."""
+        path = self.record_path(run_id)
+        if not path.exists():
+            return None
+        return read_record(path)
+
+    def is_done(self, run_id: str) -> bool:
+        try:
+            record = self.read(run_id)
+        except CorruptRecord:
+            return False  # redone: the run's result is unreadable
+        return record is not None and record.get("status") == "done"
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """Every readable record; unreadable files are skipped (see ``corrupt_files``)."""
+        for path in sorted(self.runs_dir.glob("*.json")):
+            try:
+                yield read_record(path)
+            except CorruptRecord:
+                continue
+
+    def corrupt_files(self) -> list[Path]:
+        bad = []
+        for path in sorted(self.runs_dir.glob("*.json")):
+            try:
+                read_record(path)
+            except CorruptRecord:
+                bad.append(path)
+        return bad
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptRecord(f"{path}: not a readable kdbench record ({error})") from None
+    if not isinstance(record, dict) or not {"id", "status", "spec"} <= record.keys():
+        raise CorruptRecord(f"{path}: not a kdbench record (missing id/status/spec)")
+    return record
+
+
+def load_records(root: Path | str) -> list[dict[str, Any]]:
+    """All readable records under a results directory (no torch needed)."""
+    return list(Store(Path(root)).records())

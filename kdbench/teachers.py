@@ -1,0 +1,156 @@
+"""Teachers: trained once per setting and teacher seed, cached with a checksum, reused by every
+method and seed; or a user's own state_dict (``--teacher-checkpoint``).
+
+Two launches on one results directory (or many SLURM array tasks) never train the same
+teacher at once: the first takes a file lock and trains, the others wait on the lock and then
+find the finished teacher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from kdbench.data import Dataset
+from kdbench.errors import UserError
+from kdbench.models import build_model
+from kdbench.settings import Setting
+from kdbench.spec import RunSpec
+from kdbench.store import Store, write_atomically
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock across processes (flock: released by the kernel if we are killed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def save_teacher_weights(model: nn.Module, spec: RunSpec, store: Store) -> dict[str, str]:
+    buffer = io.BytesIO()
+    torch.save({name: tensor.cpu() for name, tensor in model.state_dict().items()}, buffer)
+    path = store.teacher_path(spec.id)
+    write_atomically(path, buffer.getvalue())
+    return {"path": str(path.relative_to(store.root)), "sha256": sha256_file(path)}
+
+
+def teacher_ready(spec: RunSpec, store: Store) -> bool:
+    """A finished teacher record whose weights exist and match their checksum."""
+    try:
+        record = store.read(spec.id)
+    except Exception:
+        return False
+    if record is None or record.get("status") != "done" or "teacher_weights" not in record:
+        return False
+    path = store.root / record["teacher_weights"]["path"]
+    return path.exists() and sha256_file(path) == record["teacher_weights"]["sha256"]
+
+
+def load_state_dict_for(path: Path, arch: str, dataset: Dataset) -> dict[str, Any]:
+    """Load a teacher state_dict and check it fits ``arch`` on ``dataset``; UserError if not."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"teacher checkpoint {path} does not load: {type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]  # a common wrapper ({"state_dict": ..., "epoch": ...})
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # RepDistiller's teacher files
+    model = build_model(arch, dataset.num_classes, dataset.in_channels)
+    try:
+        model.load_state_dict(state)
+    except Exception as error:
+        first = str(error).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:2])[:300]
+        raise UserError(f"teacher checkpoint {path} does not fit {arch} with "
+                        f"{dataset.num_classes} classes and {dataset.in_channels} input channels: "
+                        f"{detail}") from None
+    return state
+
+
+def load_teacher(teacher_spec: RunSpec, setting: Setting, dataset: Dataset, store: Store) -> nn.Module:
+    """The trained teacher of ``teacher_spec`` (it must have been trained or registered)."""
+    if not teacher_ready(teacher_spec, store):
+        raise RuntimeError(f"teacher {teacher_spec.label()} ({teacher_spec.id}) is not trained yet: "
+                           "the launcher trains teachers before students")
+    record = store.read(teacher_spec.id)
+    path = store.root / record["teacher_weights"]["path"]
+    model = build_model(setting.teacher, dataset.num_classes, dataset.in_channels)
+    model.load_state_dict(load_state_dict_for(path, setting.teacher, dataset))
+    return model
+
+
+def register_checkpoint(path: Path, setting: Setting, store: Store, teacher_seed: int = 0) -> str:
+    """Check a user's teacher state_dict against the setting and put it where students find
+    it. Returns its sha256 (part of every dependent RunSpec, so results never mix teachers)."""
+    from kdbench.data import DATASET_SHAPES
+    from kdbench.spec import TEACHER, TEACHER_METHOD
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"teacher checkpoint {path} does not exist")
+    checksum = sha256_file(path)
+    in_channels, num_classes = DATASET_SHAPES[setting.dataset]
+    shape_only = Dataset(setting.dataset, torch.empty(0, in_channels, 1, 1), torch.empty(0),
+                         torch.empty(0), torch.empty(0), num_classes)
+    state = load_state_dict_for(path, setting.teacher, shape_only)
+    spec = RunSpec(setting.name, TEACHER_METHOD, teacher_seed, TEACHER, teacher_checkpoint=checksum)
+    target = store.teacher_path(spec.id)
+    if not target.exists():
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_atomically(target, buffer.getvalue())
+    return checksum
+
+
+def record_for_checkpoint(spec: RunSpec, store: Store, options: "TrainOptions") -> dict[str, Any]:
+    """The teacher record of a registered user checkpoint: its test accuracy, no training."""
+    import contextlib
+    import time
+
+    from kdbench import registry, settings
+    from kdbench.data import Augmentation, BatchStream, load_dataset
+    from kdbench.train import evaluate, pick_device, provenance
+
+    started = time.time()
+    setting = settings.get(spec.setting)
+    device = pick_device(options)
+    dataset = load_dataset(setting.dataset, options.data_dir, setting.train_subset)
+    stream = BatchStream(dataset, device, 256, Augmentation(), seed=0)
+    path = store.teacher_path(spec.id)
+    model = build_model(setting.teacher, dataset.num_classes, dataset.in_channels)
+    model.load_state_dict(load_state_dict_for(path, setting.teacher, dataset))
+    top1, top5 = evaluate(model.to(device), stream, contextlib.nullcontext(), channels_last=False)
+    return {
+        "id": spec.id, "status": "done", "spec": spec.to_json(),
+        "setting": {**setting.to_json(), "recipe": setting.to_json()["teacher_recipe"],
+                    "num_classes": dataset.num_classes},
+        "config": {}, "error": None, "history": [],
+        "metrics": {"top1_last": top1, "top5_last": top5, "top1_best": top1, "top5_best": top5,
+                    "best_epoch": None},
+        "wall_seconds": time.time() - started, "images_per_second": None, "extra_parameters": 0,
+        "teacher_weights": {"path": str(path.relative_to(store.root)), "sha256": sha256_file(path)},
+        "provenance": {**provenance(registry.get(spec.method), device, "fp32"),
+                       "teacher_checkpoint_sha256": spec.teacher_checkpoint},
+    }

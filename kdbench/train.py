@@ -1,0 +1,418 @@
+"""train(spec) -> record: the one training loop, readable top to bottom.
+
+Setup, build, pre-training stages, main stage, evaluation, record — in that order, with every
+hyperparameter coming from the setting's recipe (kdbench/settings.py) and every method
+difference coming from the method's declared taps, modules, stages, loss and gradient rule.
+
+The hot loop never synchronises with the host: loss sums, correct counts and the first
+non-finite step are accumulated on the device and read once per epoch. A checkpoint is
+written atomically after every epoch (models, method modules, optimiser, scheduler and every
+RNG state), so a run killed at any point resumes from its last epoch and, on the CPU, ends
+with exactly the history of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import platform
+import random
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import kdbench
+from kdbench import registry, settings
+from kdbench.data import BatchStream, load_dataset
+from kdbench.method import Batch, FeatureShapes, Features, Method, Progress, PretrainStage, iter_parameters
+from kdbench.models import build_model
+from kdbench.spec import TEACHER, RunSpec
+from kdbench.store import Store, write_atomically
+from kdbench.taps import FeatureTaps
+
+MAIN_STAGE = "main"
+EVAL_BATCH = 1000
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    device: str | None = None  # None: CUDA when present, else CPU
+    precision: str | None = None  # "fp32" | "bf16"; None: bf16 on CUDA, fp32 on the CPU
+    compile: bool = False
+    data_dir: Path | None = None
+    threads: int | None = None  # CPU threads for this run (several runs share a machine)
+
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def git_commit() -> str:
+    try:
+        root = Path(kdbench.__file__).resolve().parent.parent
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def pick_device(options: TrainOptions) -> torch.device:
+    if options.device:
+        return torch.device(options.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def shapes_of(features: Features) -> FeatureShapes:
+    return FeatureShapes(
+        stages=tuple(tuple(f.shape[1:]) for f in features.stages),
+        embedding=tuple(features.embedding.shape[1:]) if features.embedding is not None else (),
+        num_classes=features.logits.shape[1],
+    )
+
+
+def parameters_feeding(model: nn.Module, taps: FeatureTaps, stage: int, sample: Tensor) -> list[nn.Parameter]:
+    """The parameters that stage output ``stage`` depends on (FitNets' "up to the guided
+    layer"), found by autograd rather than by an architecture's module names."""
+    was_training = model.training
+    model.eval()
+    with torch.enable_grad():
+        features = taps.pop(model(sample))
+        candidates = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(features.stages[stage].sum(), candidates, allow_unused=True)
+    model.train(was_training)
+    return [p for p, g in zip(candidates, grads) if g is not None]
+
+
+def build_optimizer(parameters: list[nn.Parameter], recipe: settings.Recipe) -> torch.optim.SGD:
+    # Weight decay on every parameter, BN included, as RepDistiller/mdistiller and the MHGD
+    # reference do.
+    return torch.optim.SGD(parameters, lr=recipe.lr, momentum=recipe.momentum,
+                           nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: settings.Recipe, epochs: int,
+                    schedule: str) -> torch.optim.lr_scheduler.LRScheduler:
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    scaled = settings.Recipe(epochs=epochs, batch_size=recipe.batch_size, lr=recipe.lr,
+                             lr_decay_at=recipe.lr_decay_at)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, scaled.milestones(), recipe.lr_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, stream: BatchStream, autocast: contextlib.AbstractContextManager,
+             channels_last: bool) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (percent) on the test split."""
+    model.eval()
+    correct1 = torch.zeros((), dtype=torch.long, device=stream.device)
+    correct5 = torch.zeros((), dtype=torch.long, device=stream.device)
+    total = 0
+    for images, labels in stream.test_batches(EVAL_BATCH):
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = model(images)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == labels[:, None]
+        correct1 += hits[:, 0].sum()
+        correct5 += hits.any(dim=1).sum()
+        total += len(labels)
+    return 100.0 * correct1.item() / total, 100.0 * correct5.item() / total
+
+
+def load_checkpoint(path: Path, run_id: str) -> dict[str, Any] | None:
+    """The checkpoint of run ``run_id``, or None (with a warning) when the file at ``path``
+    belongs to another run or cannot be read: then the run starts over; nothing else is hurt."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        print(f"warning: ignoring unreadable checkpoint {path} ({type(error).__name__}); starting over",
+              flush=True)
+        return None
+    if not isinstance(state, dict) or state.get("run_id") != run_id:
+        print(f"warning: ignoring checkpoint {path}: it belongs to another run; starting over", flush=True)
+        return None
+    return state
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomically(path, buffer.getvalue())
+
+
+def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
+          on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Train one run to completion (resuming from its checkpoint) and return its record."""
+    report = on_progress or (lambda event: None)
+    started = time.time()
+    # ---- setup -----------------------------------------------------------------------------
+    setting = settings.get(spec.setting)
+    is_teacher = spec.role == TEACHER
+    base_recipe = setting.teacher_recipe if is_teacher else setting.recipe
+    recipe = base_recipe.with_overrides(spec.overrides)
+    device = pick_device(options)
+    on_cuda = device.type == "cuda"
+    precision = options.precision or ("bf16" if on_cuda else "fp32")
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    if on_cuda:
+        # Fastest kernels for fixed shapes; determinism is promised on the CPU only.
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+    seed_everything(spec.seed)
+    dataset = load_dataset(setting.dataset, options.data_dir, setting.train_subset)
+    stream = BatchStream(dataset, device, recipe.batch_size, recipe.augmentation, spec.seed)
+
+    # ---- build -----------------------------------------------------------------------------
+    method_class = registry.get(spec.method)
+    method: Method = method_class(method_class.Config.from_json(spec.config))
+    arch = setting.teacher if is_teacher else setting.student
+    student = build_model(arch, dataset.num_classes, dataset.in_channels).to(device)
+    teacher: nn.Module | None = None
+    if method.uses_teacher and not is_teacher:
+        from kdbench.teachers import load_teacher  # teachers.py imports train.py
+
+        teacher = load_teacher(spec.teacher_spec(), setting, dataset, store).to(device)
+        teacher.eval().requires_grad_(False)
+    if on_cuda:
+        student = student.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher = teacher.to(memory_format=torch.channels_last)
+    student_taps = FeatureTaps(student, method.student_taps)
+    teacher_taps = FeatureTaps(teacher, method.teacher_taps) if teacher is not None else None
+    sample = stream.normalise(dataset.test_images[:2].to(device))
+    with torch.no_grad():
+        student.eval()
+        student_shapes = shapes_of(student_taps.pop(student(sample)))
+        teacher_shapes = shapes_of(teacher_taps.pop(teacher(sample))) if teacher is not None else None
+    method.build(student_shapes, teacher_shapes, dataset.num_train)
+    method.to(device)
+    student_forward = torch.compile(student) if options.compile else student
+    teacher_forward = torch.compile(teacher) if options.compile and teacher is not None else teacher
+
+    def teacher_features(images: Tensor) -> Features | None:
+        if teacher is None:
+            return None
+        # no_grad rather than inference_mode: methods feed teacher features into trainable
+        # modules (MHGD's attention network), which must save them for backward.
+        with torch.no_grad():
+            return teacher_taps.pop(teacher_forward(images))
+
+    stages: list[PretrainStage] = [] if is_teacher else method.pretrain_stages()
+    stage_epochs = [max(1, round(stage.epochs * setting.pretrain_scale)) for stage in stages]
+    pretrain_total = sum(stage_epochs)
+    schedule = [(stage.name, epochs) for stage, epochs in zip(stages, stage_epochs)]
+    schedule.append((MAIN_STAGE, recipe.epochs))
+
+    # ---- resume ----------------------------------------------------------------------------
+    checkpoint_path = store.checkpoint_path(spec.id)
+    checkpoint = load_checkpoint(checkpoint_path, spec.id)
+    history: list[dict[str, Any]] = []
+    start_stage, start_epoch = 0, 0
+    if checkpoint is not None:
+        student.load_state_dict(checkpoint["student"])
+        method.load_state_dict(checkpoint["method"])
+        history = checkpoint["history"]
+        start_stage, start_epoch = checkpoint["stage_index"], checkpoint["epoch"]
+    trained_seconds = checkpoint["trained_seconds"] if checkpoint else 0.0
+    images_seen = checkpoint["images_seen"] if checkpoint else 0
+
+    # ---- stages ----------------------------------------------------------------------------
+    for stage_index, (stage_name, epochs) in enumerate(schedule):
+        if stage_index < start_stage:
+            continue
+        is_main = stage_name == MAIN_STAGE
+        pretrain = None if is_main else stages[stage_index]
+        run_student = is_main or pretrain.student_up_to_stage is not None
+        if is_main:
+            student_parameters = list(student.parameters())
+            trainable = student_parameters + iter_parameters(method.trainable_modules())
+            lr_schedule = "setting"
+        else:
+            student_parameters = (parameters_feeding(student, student_taps, pretrain.student_up_to_stage, sample)
+                                  if run_student else [])
+            trainable = student_parameters + iter_parameters(pretrain.modules)
+            lr_schedule = pretrain.lr_schedule
+        optimizer = build_optimizer(trainable, recipe)
+        scheduler = build_scheduler(optimizer, recipe, epochs, lr_schedule)
+        first_epoch = 0
+        if checkpoint is not None and stage_index == start_stage:
+            if checkpoint["optimizer"] is not None:  # None: saved at a stage boundary
+                optimizer.load_state_dict(checkpoint["optimizer"])
+                scheduler.load_state_dict(checkpoint["scheduler"])
+            stream.load_state_dict(checkpoint["stream"])
+            set_rng_state(checkpoint["rng"])
+            first_epoch = start_epoch
+        method_modules = method.trainable_modules() if is_main else pretrain.modules
+        steps = stream.steps_per_epoch
+
+        for epoch in range(first_epoch, epochs):
+            epoch_started = time.time()
+            student.train(run_student)
+            method.eval()  # modules a stage trains are put in train mode just below
+            for module in method_modules:
+                module.train()
+            loss_sum = torch.zeros((), device=device)
+            term_sums: dict[str, Tensor] = {}
+            first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+            correct = torch.zeros((), dtype=torch.long, device=device)
+            seen = 0
+            for step, (images, labels, index) in enumerate(stream.epoch()):
+                if on_cuda:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                batch = Batch(images, labels, index)
+                progress = Progress(epoch, epochs, step, steps, pretrain_total if is_main else 0)
+                with autocast:
+                    t = teacher_features(images)
+                    if is_main:
+                        logits = student_forward(images)
+                        s = student_taps.pop(logits)
+                        terms = {"ce": method.ce_weight * F.cross_entropy(logits.float(), labels)}
+                        terms.update(method.loss(s, t, batch, progress))
+                    else:
+                        s = student_taps.pop(student_forward(images)) if run_student else None
+                        terms = pretrain.loss(s, t, batch)
+                optimizer.zero_grad(set_to_none=True)
+                if is_main:
+                    method.backward(terms, student_parameters, progress)
+                else:
+                    torch.stack(list(terms.values())).sum().backward()
+                optimizer.step()
+                # Device-side bookkeeping only: no .item() in the hot loop.
+                total = torch.stack([term.detach().float() for term in terms.values()]).sum()
+                first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(total),
+                                             torch.tensor(step, device=device), first_bad_step)
+                loss_sum += total * len(labels)
+                for name, term in terms.items():
+                    term_sums[name] = term_sums.get(name, 0.0) + term.detach().float() * len(labels)
+                if is_main:
+                    correct += (logits.detach().argmax(1) == labels).sum()
+                seen += len(labels)
+                if step % 20 == 0:
+                    report({"event": "step", "stage": stage_name, "epoch": epoch + 1,
+                            "epochs": epochs, "step": step + 1, "steps": steps})
+            # ---- end of epoch: the one host sync --------------------------------------------
+            bad_step = int(first_bad_step.item())
+            if bad_step >= 0:
+                raise NonFiniteLoss(f"loss became non-finite in stage {stage_name!r}, epoch "
+                                    f"{epoch + 1}, step {bad_step + 1}")
+            scheduler.step()
+            lr = optimizer.param_groups[0]["lr"]
+            entry: dict[str, Any] = {
+                "stage": stage_name, "epoch": epoch + 1, "loss": loss_sum.item() / seen,
+                "terms": {name: value.item() / seen for name, value in term_sums.items()},
+                "lr_next": lr,
+            }
+            if is_main:
+                top1, top5 = evaluate(student_forward, stream, autocast, on_cuda)
+                entry.update(train_top1=100.0 * correct.item() / seen, top1=top1, top5=top5)
+            entry["seconds"] = time.time() - epoch_started
+            trained_seconds += entry["seconds"]
+            images_seen += seen
+            history.append(entry)
+            save_checkpoint(checkpoint_path, {
+                "run_id": spec.id, "stage_index": stage_index, "epoch": epoch + 1,
+                "student": student.state_dict(), "method": method.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "stream": stream.state_dict(), "rng": rng_state(), "history": history,
+                "trained_seconds": trained_seconds, "images_seen": images_seen,
+            })
+            report({"event": "epoch", **entry, "epochs": epochs})
+        if stage_index + 1 < len(schedule):
+            # The next stage starts at its epoch 0 with its own optimiser: checkpoint that
+            # boundary so a resumed run does not repeat this stage.
+            save_checkpoint(checkpoint_path, {
+                "run_id": spec.id, "stage_index": stage_index + 1, "epoch": 0,
+                "student": student.state_dict(), "method": method.state_dict(),
+                "optimizer": None, "scheduler": None, "stream": stream.state_dict(), "rng": rng_state(),
+                "history": history, "trained_seconds": trained_seconds, "images_seen": images_seen,
+            })
+            checkpoint = None  # the next stage starts fresh in this process
+
+    # ---- record ----------------------------------------------------------------------------
+    student_taps.remove()
+    if teacher_taps is not None:
+        teacher_taps.remove()
+    main = [entry for entry in history if entry["stage"] == MAIN_STAGE]
+    best = max(main, key=lambda entry: entry["top1"])
+    record: dict[str, Any] = {
+        "id": spec.id,
+        "status": "done",
+        "spec": spec.to_json(),
+        "setting": {**setting.to_json(), "recipe": {**setting.to_json()["teacher_recipe" if is_teacher else "recipe"], **spec.overrides},
+                    "num_classes": dataset.num_classes, "pretrain_epochs": stage_epochs},
+        "config": method.config.to_json(),
+        "metrics": {"top1_last": main[-1]["top1"], "top5_last": main[-1]["top5"],
+                    "top1_best": best["top1"], "top5_best": best["top5"], "best_epoch": best["epoch"]},
+        "history": history,
+        "error": None,
+        "wall_seconds": time.time() - started,
+        "train_seconds": trained_seconds,
+        "images_per_second": images_seen / trained_seconds if trained_seconds else None,
+        "extra_parameters": method.extra_parameters(),
+        "provenance": provenance(method_class, device, precision),
+    }
+    if is_teacher:
+        from kdbench.teachers import save_teacher_weights
+
+        record["teacher_weights"] = save_teacher_weights(student, spec, store)
+    return record
+
+
+def provenance(method_class: type[Method], device: torch.device, precision: str) -> dict[str, Any]:
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        platform.processor() or platform.machine())
+    return {
+        "kdbench_version": kdbench.__version__,
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "device": f"{device.type}: {device_name}",
+        "threads": torch.get_num_threads(),
+        "precision": precision,
+        "method_source_sha256": registry.source_sha256(method_class),
+        "hostname": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,1 @@
+"""kdbench's built-in distillation methods, one file each, registered in pyproject.toml."""

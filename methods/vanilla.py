@@ -1,0 +1,19 @@
+"""The student alone: cross-entropy only. It is the "Student" row of every table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kdbench.method import Method, MethodConfig
+
+
+@dataclass(frozen=True)
+class VanillaConfig(MethodConfig):
+    pass
+
+
+class Vanilla(Method):
+    name = "vanilla"
+    paper = "Student trained alone with cross-entropy (the baseline row)"
+    Config = VanillaConfig
+    uses_teacher = False
