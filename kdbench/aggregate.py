@@ -171,7 +171,7 @@ def dense_ranks(means: Mapping[str, float], decimals: int) -> dict[str, int]:
     """
     shown = {row: round(mean, decimals) for row, mean in means.items() if math.isfinite(mean)}
     levels = sorted(set(shown.values()), reverse=True)
-    return {row: levels.index(value) + 1 for row, value in shown.items()}
+    return {row: levels.index(value) + 1 + (value != levels[0]) for row, value in shown.items()}
 
 
 def resolve_metric(name: str) -> str:

@@ -80,6 +80,15 @@ def build_parser() -> ArgumentParser:
                      help="default bf16 on CUDA, fp32 on the CPU")
     run.add_argument("--compile", action="store_true", help="torch.compile the networks")
     run.add_argument("--data-dir", type=Path, help="where datasets live (default ./data or $KDBENCH_DATA)")
+    run.add_argument("--slurm", metavar="PRESET", default="default",
+                     help="SLURM preset: a name in slurm/ (e.g. default, test) or a TOML path")
+    run.add_argument("--slurm-set", dest="slurm_overrides", action="append", default=[],
+                     metavar="FIELD=VALUE", help="override a SLURM preset field, e.g. partition=gpu")
+    run.add_argument("--no-wait", action="store_true",
+                     help="slurm: submit and return; `kdbench status` and `kdbench table` follow up")
+    run.add_argument("--snapshot", action="store_true",
+                     help="slurm: run jobs from a copy of the code, so edits while they queue "
+                          "do not change what they run")
     run.add_argument("--no-table", action="store_true", help="do not print the table at the end")
     run.add_argument("--dry-run", action="store_true", help="show what would run, run nothing")
 
@@ -252,7 +261,9 @@ def launch_grid(args: argparse.Namespace, teachers, students, chosen) -> list:
         if warning:
             print(warning, file=sys.stderr, flush=True)
     display = ProgressDisplay(len(teachers) + len(students))
-    executor = make_executor(args.executor, jobs=jobs, display=display)
+    executor = make_executor(args.executor, jobs=jobs, display=display, preset=args.slurm,
+                             preset_overrides=args.slurm_overrides, wait=not args.no_wait,
+                             snapshot=args.snapshot)
     try:
         return executor.run(teachers, students, args.results, options)
     finally:

@@ -94,11 +94,6 @@ class LocalExecutor:
 
     def run(self, teachers: list[RunSpec], students: list[RunSpec], results: Path,
             options: TrainOptions) -> list[Result]:
-        if options.threads is None and options.device in (None, "cpu"):
-            # Small networks scale poorly across threads: N runs × (cores / N) threads keep
-            # every core busy with less synchronisation than one run on all of them.
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            options = TrainOptions(**{**asdict(options), "threads": max(1, (cores or 1) // self.jobs)})
         context = multiprocessing.get_context("spawn")
         manager = context.Manager()
         events = manager.Queue()
@@ -108,17 +103,32 @@ class LocalExecutor:
             with ProcessPoolExecutor(self.jobs, mp_context=context, max_tasks_per_child=1) as pool:
                 for phase in (teachers, students):
                     pending: dict[Future, RunSpec] = {}
+                    phase_options = self._split_threads(options, len(phase))
                     for spec in phase:
                         blocked = teacher_failed(spec, failed_teachers)
                         if blocked:
                             outcomes.append(blocked)
                             continue
                         pending[pool.submit(_subprocess_job, spec.to_json(), str(results),
-                                            options_json(options), events)] = spec
+                                            options_json(phase_options), events)] = spec
                     outcomes += self._collect(pending, events, failed_teachers, phase is teachers)
         finally:
             manager.shutdown()
         return outcomes
+
+    def _split_threads(self, options: TrainOptions, runs: int) -> TrainOptions:
+        """On the CPU, give each of the runs in flight an equal share of the cores: small
+        networks scale poorly across threads, so N runs × (cores / N) threads keep every core
+        busy with less synchronisation than one run on all of them."""
+        if options.threads is not None or options.device not in (None, "cpu"):
+            return options
+        import torch
+
+        if torch.cuda.is_available() and options.device is None:
+            return options
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        in_flight = max(1, min(self.jobs, runs))
+        return TrainOptions(**{**asdict(options), "threads": max(1, (cores or 1) // in_flight)})
 
     def _collect(self, pending: dict[Future, RunSpec], events, failed_teachers: dict[str, str],
                  are_teachers: bool) -> list[Result]:
@@ -157,7 +167,9 @@ class LocalExecutor:
 EXECUTORS = ("local", "inprocess", "slurm")
 
 
-def make_executor(name: str, jobs: int = 1, display: ProgressDisplay | None = None, **slurm: Any) -> Executor:
+def make_executor(name: str, jobs: int = 1, display: ProgressDisplay | None = None,
+                  preset: str = "default", preset_overrides: list[str] | None = None,
+                  wait: bool = True, snapshot: bool = False) -> Executor:
     if name == "inprocess":
         return InProcessExecutor(display)
     if name == "local":

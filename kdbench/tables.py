@@ -47,8 +47,8 @@ class LatexMarkup:
     alpha = r"$\alpha$"
     dash = "--"
     missing = "--"
-    marks = {"student": r"$^{\dagger}$", "best": r"$^{\ddagger}$", "published": r"$^{\S}$"}
-    symbols = {"student": r"$\dagger$", "best": r"$\ddagger$", "published": r"$\S$"}
+    _glyphs = {"student": r"\dagger", "best": r"\ddagger", "published": r"\S"}
+    symbols = {key: f"${glyph}$" for key, glyph in _glyphs.items()}
 
     # The ten characters LaTeX treats specially (LaTeX Companion, 2nd ed., 7.1).
     _SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
@@ -74,6 +74,9 @@ class LatexMarkup:
                 out.append(char)
         return "".join(out)
 
+    def marks(self, keys: Sequence[str]) -> str:
+        return f"$^{{{''.join(self._glyphs[key] for key in keys)}}}$" if keys else ""
+
     def bold(self, text: str) -> str:
         return rf"\textbf{{{text}}}"
 
@@ -94,12 +97,14 @@ class MarkdownMarkup:
     alpha = "α"
     dash = "–"
     missing = "—"
-    marks = {"student": "†", "best": "‡", "published": "§"}
-    symbols = marks
+    symbols = {"student": "†", "best": "‡", "published": "§"}
 
     def escape(self, text: str) -> str:
         # A pipe would end the table cell; newlines would end the row.
         return re.sub(r"\s+", " ", str(text)).replace("|", r"\|")
+
+    def marks(self, keys: Sequence[str]) -> str:
+        return "".join(self.symbols[key] for key in keys)
 
     def bold(self, text: str) -> str:
         return f"**{text}**"
@@ -183,10 +188,8 @@ def format_value(cell: pd.Series | None, summary: Summary, layout: Layout, mk: M
         text = mk.bold(text)
     elif cell["rank"] == 2:
         text = mk.underline(text)
-    if cell["p_vs_student_holm"] < summary.alpha:
-        text += mk.marks["student"]
-    if cell["p_vs_best_holm"] < summary.alpha:
-        text += mk.marks["best"]
+    marks = [kind for kind in ("student", "best") if cell[f"p_vs_{kind}_holm"] < summary.alpha]
+    text += mk.marks(marks)
     if n < expected or cell["n_failed"]:
         text += " " + mk.small(f"({mk.math_n(f'{n} of {expected}')})")
     elif show_n:
@@ -205,7 +208,7 @@ def format_published(cell: pd.Series | None, summary: Summary, mk: Markup) -> st
         return mk.missing
     text = f"{cell['published']:.2f}"
     if cell["published_outside_2std"]:
-        text += mk.marks["published"]
+        text += mk.marks(["published"])
     return text
 
 
@@ -259,7 +262,8 @@ def caption(summary: Summary, layout: Layout, mk: Markup) -> str:
     else:
         when = ("at the best epoch (the highest test accuracy during training: optimistic, "
                 "chosen on the test set)")
-    parts = [f"{metric} accuracy ({mk.escape('%')}) on {datasets}, students {trained}{recipe}, {when}."]
+    percent = mk.escape("%")
+    parts = [f"{metric} accuracy ({percent}) on {datasets}, students {trained}{recipe}, {when}."]
 
     if layout.ci:
         spread = (f"mean{mk.pm}half-width of the {summary.confidence:.0%} t confidence interval"
@@ -325,7 +329,10 @@ def render_latex(summary: Summary, layout: Layout = Layout(), label: str = "tab:
         "% file names the command, the commit and the runs behind every cell.",
         r"\begin{table}[htbp]",
         r"\centering",
-        r"\small",
+        # Six settings with n in the cells do not fit a page at \small: shrink, but stay
+        # within plain LaTeX + booktabs (no \resizebox, which needs graphicx).
+        r"\small" if width * len(headers) <= 4 else r"\footnotesize",
+        rf"\setlength{{\tabcolsep}}{{{6 if width * len(headers) <= 4 else 3}pt}}",
         rf"\caption{{{caption(summary, layout, mk)}}}",
         rf"\label{{{label}}}",
         rf"\begin{{tabular}}{{l{'c' * (width * len(headers))}}}",
@@ -347,7 +354,7 @@ def render_latex(summary: Summary, layout: Layout = Layout(), label: str = "tab:
     lines.append(r"\bottomrule")
     lines.append(r"\end{tabular}")
     for note in summary.notes:
-        lines.append(rf"\par\smallskip{{\footnotesize {mk.escape(note)}\par}}")
+        lines.append(rf"\par\smallskip{{\footnotesize\raggedright {mk.escape(note)}\par}}")
     lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"
 

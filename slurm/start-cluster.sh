@@ -112,14 +112,18 @@ dbd_ok()     { timeout 5 sacctmgr -n show cluster; }
 ctld_ok()    { timeout 5 scontrol ping | grep -q 'is UP'; }
 node_field() { timeout 5 scontrol show node "$HOST" 2>/dev/null | grep -o "$1=[^ ]*" | head -n1 | cut -d= -f2-; }
 # The node counts as ready when sinfo shows it usable (idle, or running jobs).
+# (`sinfo -o %T` prints e.g. idle, mixed, allocated, completing, drained, down.)
 node_usable() {
     local st
     st=$(timeout 5 sinfo -h -n "$HOST" -o %T 2>/dev/null) || return 1
-    [[ $st =~ ^(idle|mixed|allocated)$ ]]
+    [[ $st =~ ^(idle|mixed|allocated|completing)$ ]]
 }
 # On a restart slurmctld reports the node idle before slurmd re-registers (notes):
-# also require a SlurmdStartTime no older than our launch.
+# also require a SlurmdStartTime no older than our launch. A node that slurmctld
+# drains or marks invalid (e.g. a config mismatch) also ends the wait, so that the
+# check after it fails at once with the reason instead of after the timeout.
 slurmd_registered() {
+    [[ $(node_field State) =~ DRAIN|INVAL|FAIL ]] && return 0
     node_usable || return 1
     local t
     t=$(node_field SlurmdStartTime)
@@ -133,11 +137,14 @@ if command -v slurmd >/dev/null && command -v mariadbd >/dev/null && [[ -x $MUNG
     && is_running slurmd "$(binpath slurmd)" && is_running slurmctld "$(binpath slurmctld)" \
     && is_running slurmdbd "$(binpath slurmdbd)" && is_running mariadbd "$(binpath mariadbd)" \
     && munge_ok && ctld_ok && node_usable; then
-    echo "SLURM cluster already up ($(elapsed) s)"
+    echo "SLURM cluster up ($(elapsed) s, was already running); state and logs in $STATE"
     exit 0
 fi
 
 # ---------------------------------------------------------------- packages
+
+mkdir -p "$ETC" "$LOG" "$RUN" "$PIDS" "$SPOOL/ctld" "$SPOOL/d"
+chmod 700 "$STATE"
 
 PACKAGES=(munge slurm-client slurmctld slurmd slurmdbd mariadb-server-core mariadb-client-core)
 missing=()
@@ -160,12 +167,12 @@ if ((${#missing[@]})); then
     # Other apt users may hold the lock (notes): wait for it rather than fail.
     APT=(apt-get -o DPkg::Lock::Timeout=600 -y -q)
     export DEBIAN_FRONTEND=noninteractive
-    if ! "${APT[@]}" install --no-install-recommends "${missing[@]}" >"${TMPDIR:-/tmp}/kdbench-slurm-apt.log" 2>&1; then
+    if ! "${APT[@]}" install --no-install-recommends "${missing[@]}" >"$LOG/apt.log" 2>&1; then
         log "install failed; running apt-get update and retrying"
-        "${APT[@]}" update >>"${TMPDIR:-/tmp}/kdbench-slurm-apt.log" 2>&1 \
-            || die "apt-get update failed" "${TMPDIR:-/tmp}/kdbench-slurm-apt.log"
-        "${APT[@]}" install --no-install-recommends "${missing[@]}" >>"${TMPDIR:-/tmp}/kdbench-slurm-apt.log" 2>&1 \
-            || die "apt-get install failed" "${TMPDIR:-/tmp}/kdbench-slurm-apt.log"
+        "${APT[@]}" update >>"$LOG/apt.log" 2>&1 \
+            || die "apt-get update failed" "$LOG/apt.log"
+        "${APT[@]}" install --no-install-recommends "${missing[@]}" >>"$LOG/apt.log" 2>&1 \
+            || die "apt-get install failed" "$LOG/apt.log"
     fi
     restore_policy
     trap - EXIT
@@ -173,8 +180,7 @@ fi
 
 # ---------------------------------------------------------------- configuration
 
-mkdir -p "$ETC" "$LOG" "$RUN" "$PIDS" "$SPOOL/ctld" "$SPOOL/d" /etc/slurm
-chmod 700 "$STATE"
+mkdir -p /etc/slurm
 
 # One password for the private DB, made once and kept with the state.
 if [[ ! -s $ETC/dbpass ]]; then
@@ -236,7 +242,10 @@ NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$NCPUS Boards=1 SocketsPerBoard=1 CoresPe
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 # Client tools and submitit read /etc/slurm/slurm.conf unless SLURM_CONF is set (notes).
-cp "$ETC/slurm.conf" /etc/slurm/slurm.conf.kdbench.tmp && mv -f /etc/slurm/slurm.conf.kdbench.tmp /etc/slurm/slurm.conf
+# (mktemp made the file 0600; slurm.conf must be readable by every client user.)
+chmod 644 "$ETC/slurm.conf"
+install -m 644 "$ETC/slurm.conf" /etc/slurm/slurm.conf.kdbench.tmp
+mv -f /etc/slurm/slurm.conf.kdbench.tmp /etc/slurm/slurm.conf
 
 # slurmdbd finds slurmdbd.conf next to $SLURM_CONF; it must be mode 600 (notes).
 (umask 077; write_if_changed "$ETC/slurmdbd.conf" <<EOF
@@ -294,7 +303,8 @@ if ! is_running mariadbd "$(binpath mariadbd)"; then
         # One-time system tables in the private datadir (needs mariadb-client-core).
         mariadb-install-db --no-defaults --datadir="$DBDIR" --user=root \
             --auth-root-authentication-method=socket --skip-test-db \
-            >"$LOG/mariadb-install.log" 2>&1 || die "mariadb-install-db failed" "$LOG/mariadb-install.log"
+            >"$LOG/mariadb-install.log" 2>&1 \
+            || { rm -rf "$DBDIR"; die "mariadb-install-db failed" "$LOG/mariadb-install.log"; }
     fi
     launch mariadbd mariadbd --no-defaults --user=root --datadir="$DBDIR" \
         --bind-address=127.0.0.1 --port="$DB_PORT" --socket="$DB_SOCKET" \
@@ -317,6 +327,11 @@ fi
 # ---------------------------------------------------------------- slurmctld
 
 if ! is_running slurmctld "$(binpath slurmctld)"; then
+    # Forget the saved node state (not the job state: job IDs must keep growing,
+    # or sacct would mix new jobs with old records of the same ID). The node's
+    # description is all in slurm.conf, and a drain saved by an earlier run (say,
+    # from a bad config) would otherwise survive every restart.
+    rm -f "$SPOOL/ctld/node_state" "$SPOOL/ctld/node_state.old"
     launch slurmctld slurmctld -D
 fi
 wait_until slurmctld 60 ctld_ok

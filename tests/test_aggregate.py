@@ -1,0 +1,356 @@
+"""aggregate.py: cells, failures, variants, and the statistics checked against hand formulas.
+
+Records are written with ``Store.write`` and read back with ``load_records``, the same path
+``kdbench table`` takes; no training is involved. Expected numbers are computed here from the
+formulas (Welch 1947; Holm 1979) or independently with pandas, never by calling the function
+under test's own scipy routine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.special import betainc
+
+from kdbench.aggregate import (ci_halfwidth, dense_ranks, holm, load_published, paired_pvalue,
+                               summarize, welch_pvalue)
+from kdbench.errors import UserError
+from kdbench.store import Store, load_records
+
+A = "cifar100/wrn_40_2-wrn_16_2"
+B = "cifar100/resnet56-resnet20"
+TEACHERS = {A: 75.61, B: 72.34}
+# None: the run failed. B's "at" has no seed 4 at all (a missing run).
+STUDENTS = {
+    A: {"vanilla": [73.1, 73.3, 72.9, 73.4, 73.0],
+        "kd": [74.9, 75.2, 74.7, 75.0, 74.8],
+        "at": [74.0, 74.3, 73.8, 74.1, 74.2]},
+    B: {"vanilla": [69.0, 69.3, 68.8, 69.1, 69.2],
+        "kd": [70.6, 70.9, 70.4, 70.7, None],
+        "at": [70.5, 70.2, 70.6, 70.4]},
+}
+
+
+def make_record(setting: str, method: str, seed: int, value: float | None, *,
+                role: str = "student", config: dict | None = None,
+                overrides: dict | None = None, epochs: int = 240) -> dict[str, Any]:
+    """A record in the format documented in kdbench/store.py; value None: a failed run."""
+    spec = {"setting": setting, "method": method, "seed": seed, "role": role,
+            "config": config or {}, "overrides": overrides or {}, "teacher_seed": 0,
+            "teacher_checkpoint": None}
+    run_id = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    dataset, pair = setting.split("/")
+    teacher, student = pair.split("-") if "-" in pair else ("wrn_16_2", "resnet8")
+    done = value is not None
+    return {
+        "id": run_id,
+        "status": "done" if done else "failed",
+        "spec": spec,
+        "setting": {"name": setting, "dataset": dataset, "teacher": teacher,
+                    "student": student, "num_classes": 100,
+                    "recipe": {"epochs": epochs, "batch_size": 64, "lr": 0.05},
+                    "teacher_recipe": {"epochs": epochs, "batch_size": 64, "lr": 0.05},
+                    "recipe_source": "common recipe (RepDistiller/mdistiller)"},
+        "metrics": {"top1_last": value, "top1_best": value + 0.25 + 0.01 * seed,
+                    "top5_last": 92.0, "top5_best": 92.5, "best_epoch": 200} if done else None,
+        "error": None if done else {"type": "RuntimeError", "message": "CUDA out of memory",
+                                    "traceback": "...", "step": 123},
+        "history": [],
+        "provenance": {"git_commit": "0123abc", "finished_at": f"2025-01-0{seed + 1}T00:00"},
+    }
+
+
+def write_records(root: Path, students: dict[str, dict[str, list[float | None]]],
+                  teachers: dict[str, float] | None = None, **kwargs: Any) -> Path:
+    store = Store(root)
+    for setting, value in (teachers or {}).items():
+        store.write(make_record(setting, "vanilla", 0, value, role="teacher", **kwargs))
+    for setting, methods in students.items():
+        for method, values in methods.items():
+            for seed, value in enumerate(values):
+                store.write(make_record(setting, method, seed, value, **kwargs))
+    return root
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    return write_records(tmp_path / "results", STUDENTS, TEACHERS)
+
+
+def hand_welch(a: list[float], b: list[float]) -> float:
+    """Welch's t and Welch-Satterthwaite df from the formulas; two-sided p from the t
+    distribution's tail identity P(|T| > t) = I_{df/(df+t^2)}(df/2, 1/2)."""
+    na, nb = len(a), len(b)
+    ma, mb = sum(a) / na, sum(b) / nb
+    va = sum((x - ma) ** 2 for x in a) / (na - 1)
+    vb = sum((x - mb) ** 2 for x in b) / (nb - 1)
+    se2 = va / na + vb / nb
+    t = (ma - mb) / math.sqrt(se2)
+    df = se2 ** 2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1))
+    return float(betainc(df / 2, 0.5, df / (df + t * t)))
+
+
+def hand_paired(a: list[float], b: list[float]) -> float:
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    md = sum(d) / n
+    sd = math.sqrt(sum((x - md) ** 2 for x in d) / (n - 1))
+    t = md / (sd / math.sqrt(n))
+    df = n - 1
+    return float(betainc(df / 2, 0.5, df / (df + t * t)))
+
+
+def hand_holm(p: list[float]) -> list[float]:
+    """Holm (1979) step-down, written as the textbook loop."""
+    m = len(p)
+    order = sorted(range(m), key=lambda i: p[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def done_values(setting: str, method: str) -> list[float]:
+    return [v for v in STUDENTS[setting][method] if v is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# The statistics on fixed examples
+# ---------------------------------------------------------------------------------------------
+
+def test_holm_matches_a_hand_computed_example() -> None:
+    # m = 4: sorted 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, max(0.04*1, 0.06) = 0.06.
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # Capped at 1 and monotone: 0.5*2 = 1.0, then max(0.6, 1.0).
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+
+
+def test_holm_leaves_untestable_pairs_out_of_the_family() -> None:
+    adjusted = holm([0.2, math.nan, 0.01])
+    assert math.isnan(adjusted[1])
+    assert adjusted[[0, 2]] == pytest.approx([0.2, 0.02])  # m = 2, not 3
+    assert np.isnan(holm([math.nan])).all() and holm([]).size == 0
+
+
+def test_welch_matches_the_formula() -> None:
+    a, b = [74.9, 75.2, 74.7, 75.0, 74.8], [73.1, 73.3, 72.9, 73.4, 73.0, 73.9]
+    assert welch_pvalue(a, b) == pytest.approx(hand_welch(a, b), rel=1e-9)
+    # Unequal variances and sizes, a non-significant difference.
+    a, b = [70.1, 71.5, 69.8], [70.6, 70.7, 70.5, 70.9]
+    expected = hand_welch(a, b)
+    assert 0.05 < expected < 1
+    assert welch_pvalue(a, b) == pytest.approx(expected, rel=1e-9)
+
+
+def test_paired_matches_the_formula() -> None:
+    a, b = [74.9, 75.2, 74.7, 75.0, 74.8], [74.0, 74.3, 73.8, 74.1, 74.5]
+    assert paired_pvalue(a, b) == pytest.approx(hand_paired(a, b), rel=1e-9)
+
+
+def test_tests_need_two_values_and_spread() -> None:
+    assert math.isnan(welch_pvalue([70.0], [71.0, 72.0]))
+    assert math.isnan(welch_pvalue([70.0, 70.0], [71.0, 71.0]))
+    assert math.isnan(paired_pvalue([70.0, 71.0], [69.0, 70.0]))  # constant shift
+    assert math.isnan(paired_pvalue([70.0], [69.0]))
+
+
+def test_ci_halfwidth_uses_the_t_quantile() -> None:
+    # n = 2: t with 1 df is the Cauchy distribution, whose 0.975 quantile is tan(0.475 pi).
+    assert ci_halfwidth(0.5, 2) == pytest.approx(math.tan(0.475 * math.pi) * 0.5 / math.sqrt(2))
+    assert math.isnan(ci_halfwidth(math.nan, 1))
+
+
+def test_dense_ranks_at_shown_precision() -> None:
+    ranks = dense_ranks({"a": 71.104, "b": 71.096, "c": 70.6, "d": math.nan}, decimals=2)
+    assert ranks == {"a": 1, "b": 1, "c": 2}  # 71.10 == 71.10: a tie, and c is second
+    assert dense_ranks({"only": 70.0}, decimals=2) == {"only": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> cells
+# ---------------------------------------------------------------------------------------------
+
+def test_cells_equal_pandas_computed_from_the_records(results: Path) -> None:
+    records = load_records(results)
+    summary = summarize(records)
+    flat = pd.DataFrame([{"setting": r["spec"]["setting"], "role": r["spec"]["role"],
+                          "method": r["spec"]["method"], "status": r["status"],
+                          "value": (r["metrics"] or {}).get("top1_last")} for r in records])
+    done = flat[flat["status"] == "done"]
+    expected = done.groupby(["setting", "role", "method"])["value"].agg(["mean", "std", "count"])
+    for (setting, role, method), row in expected.iterrows():
+        key = "teacher" if role == "teacher" else method
+        cell = summary.cell(setting, key)
+        assert cell["mean"] == pytest.approx(row["mean"])
+        assert cell["n"] == row["count"]
+        if row["count"] > 1:
+            assert cell["std"] == pytest.approx(row["std"])  # pandas' default is ddof = 1
+        else:
+            assert math.isnan(cell["std"])
+    assert summary.rows == ["teacher", "vanilla", "at", "kd"]  # Teacher, Student, alphabetical
+    assert summary.settings == sorted([A, B])
+
+
+def test_failed_and_missing_runs_are_counted_and_reported(results: Path) -> None:
+    summary = summarize(load_records(results))
+    kd = summary.cell(B, "kd")
+    assert (kd["n"], kd["n_failed"], kd["n_missing"], kd["n_expected"]) == (4, 1, 0, 5)
+    assert kd["mean"] == pytest.approx(np.mean(done_values(B, "kd")))
+    at = summary.cell(B, "at")
+    assert (at["n"], at["n_failed"], at["n_missing"], at["n_expected"]) == (4, 0, 1, 5)
+    notes = "\n".join(summary.notes)
+    assert "resnet56-resnet20, kd: seed 4 failed" in notes and "CUDA out of memory" in notes
+    assert "resnet56-resnet20, at: no record for seed 4" in notes
+    assert len(kd["failed_run_ids"]) == 1
+
+
+def test_significance_and_holm_over_the_whole_table(results: Path) -> None:
+    summary = summarize(load_records(results))
+    # The family: per column, each method vs Student, and each non-best row vs the best (kd);
+    # kd vs Student is one pair, tested once.
+    pairs = [(s, "kd", "vanilla") for s in (A, B)] + [(s, "at", "vanilla") for s in (A, B)] \
+        + [(s, "at", "kd") for s in (A, B)]
+    raw = [hand_welch(done_values(s, x), done_values(s, y)) for s, x, y in pairs]
+    adjusted = dict(zip(pairs, hand_holm(raw)))
+    raw_by_pair = dict(zip(pairs, raw))
+    assert summary.n_tests == 6
+    for setting in (A, B):
+        kd, at, student = (summary.cell(setting, r) for r in ("kd", "at", "vanilla"))
+        assert kd["best_row"] == "kd"
+        assert kd["p_vs_student"] == pytest.approx(raw_by_pair[(setting, "kd", "vanilla")])
+        assert kd["p_vs_student_holm"] == pytest.approx(adjusted[(setting, "kd", "vanilla")])
+        assert at["p_vs_student_holm"] == pytest.approx(adjusted[(setting, "at", "vanilla")])
+        assert at["p_vs_best_holm"] == pytest.approx(adjusted[(setting, "at", "kd")])
+        assert student["p_vs_best_holm"] == pytest.approx(adjusted[(setting, "kd", "vanilla")])
+        assert math.isnan(kd["p_vs_best"])  # the best is not tested against itself
+        assert math.isnan(summary.cell(setting, "teacher")["p_vs_student"])  # nor the teacher
+
+
+def test_paired_uses_the_shared_seeds(results: Path) -> None:
+    summary = summarize(load_records(results), paired=True)
+    kd_b = done_values(B, "kd")  # seeds 0-3
+    student_b = STUDENTS[B]["vanilla"][:4]
+    assert summary.cell(B, "kd")["p_vs_student"] == pytest.approx(hand_paired(kd_b, student_b))
+    assert summary.cell(B, "kd")["n_vs_student"] == 4
+    assert any("paired over the 4 seeds" in note for note in summary.notes)
+
+
+def test_metric_best_epoch_and_ci(results: Path) -> None:
+    summary = summarize(load_records(results), metric="best", confidence=0.95)
+    values = [v + 0.25 + 0.01 * seed for seed, v in enumerate(STUDENTS[A]["kd"])]
+    cell = summary.cell(A, "kd")
+    assert cell["mean"] == pytest.approx(np.mean(values))
+    std = np.std(values, ddof=1)
+    assert cell["ci_halfwidth"] == pytest.approx(2.7764451051977987 * std / math.sqrt(5))
+    assert summary.metric == "top1_best"
+
+
+def test_ranks_ties_and_a_column_with_one_method(tmp_path: Path) -> None:
+    tie = "synthetic/tie"
+    lone = "synthetic/lone"
+    write_records(tmp_path, {
+        tie: {"vanilla": [70.0, 70.2], "m1": [71.0, 71.2], "m2": [71.2, 71.0],
+              "m3": [70.5, 70.7]},
+        lone: {"vanilla": [60.0, 61.0]},
+    }, {tie: 75.0, lone: 65.0})
+    summary = summarize(load_records(tmp_path))
+    ranks = {row: summary.cell(tie, row)["rank"] for row in ("vanilla", "m1", "m2", "m3")}
+    assert ranks == {"vanilla": 3, "m1": 1, "m2": 1, "m3": 2}
+    assert summary.cell(lone, "vanilla")["rank"] == 1
+    assert math.isnan(summary.cell(tie, "teacher")["rank"])  # the teacher is never ranked
+
+
+def test_methods_filter_and_order(results: Path) -> None:
+    summary = summarize(load_records(results), methods=["kd", "at"], settings=["*wrn*"])
+    assert summary.rows == ["teacher", "vanilla", "kd", "at"]
+    assert summary.settings == [A]
+    with pytest.raises(UserError, match="no records for method 'crd'"):
+        summarize(load_records(results), methods=["crd"])
+    with pytest.raises(UserError, match="no records for setting 'imagenet/\\*'"):
+        summarize(load_records(results), settings=["imagenet/*"])
+    with pytest.raises(UserError, match="unknown metric"):
+        summarize(load_records(results), metric="top3")
+
+
+def test_config_variants_become_separate_rows(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for seed, (v2, v4) in enumerate([(74.0, 74.9), (74.2, 75.1)]):
+        store.write(make_record(A, "kd", seed, v2, config={"T": 2}))
+        store.write(make_record(A, "kd", seed, v4, config={"T": 4}))
+        store.write(make_record(A, "vanilla", seed, 73.0 + seed))
+    summary = summarize(load_records(tmp_path))
+    assert summary.rows == ["vanilla", "kd[T=2]", "kd[T=4]"]
+    assert summary.cell(A, "kd[T=4]")["mean"] == pytest.approx(75.0)
+    assert summary.cell(A, "kd[T=2]")["title"] == "kd[T=2]"
+    only = summarize(load_records(tmp_path), methods=["kd[T=4]"])
+    assert only.rows == ["vanilla", "kd[T=4]"]
+
+
+def test_two_student_experiments_in_a_column_are_refused(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for seed in range(2):
+        store.write(make_record(A, "vanilla", seed, 73.0 + seed))
+        store.write(make_record(A, "vanilla", seed, 60.0 + seed, overrides={"epochs": 2}))
+        store.write(make_record(A, "kd", seed, 74.0 + seed))
+    with pytest.raises(UserError, match="2 different Student.*vanilla\\[epochs=2\\]"):
+        summarize(load_records(tmp_path))
+    summary = summarize(load_records(tmp_path), methods=["vanilla[epochs=2]", "kd"])
+    assert summary.cell(A, "vanilla[epochs=2]")["mean"] == pytest.approx(60.5)
+    assert summary.cell(A, "vanilla[epochs=2]")["title"] == "Student[epochs=2]"
+
+
+def test_a_seed_recorded_twice_is_refused(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    record = make_record(A, "kd", 0, 74.0)
+    store.write(record)
+    store.write({**record, "id": "copy0000000000"})
+    with pytest.raises(UserError, match="seed 0: 2 records.*copy0000000000"):
+        summarize(load_records(tmp_path))
+
+
+def test_published_numbers_and_the_two_std_check(results: Path) -> None:
+    published = load_published()
+    summary = summarize(load_records(results), published=published)
+    kd = summary.cell(A, "kd")
+    assert kd["published"] == 74.92
+    assert not kd["published_outside_2std"]  # ours 74.92 ± 0.19
+    student = summary.cell(A, "vanilla")  # ours 73.14 ± 0.21, published 73.26
+    assert student["published"] == 73.26 and not student["published_outside_2std"]
+    # 2 std: mean 69.08, std 0.192 in column B; published student 69.06 is inside.
+    assert not summary.cell(B, "vanilla")["published_outside_2std"]
+    assert summary.cell(B, "at")["published"] == 70.55
+    assert "repdistiller" in summary.published_sources
+    far = write_records(results.parent / "far", {A: {"vanilla": [70.0, 70.1, 70.2]}})
+    cell = summarize(load_records(far), published=published).cell(A, "vanilla")
+    assert cell["published_outside_2std"]  # 73.26 is 30 std from 70.1
+
+
+def test_published_file_covers_the_spec_tables() -> None:
+    published = load_published()
+    settings = published["settings"]
+    assert settings["cifar100/resnet32x4-resnet8x4"]["top1"]["crd"] == 75.51
+    assert settings["cifar100/vgg13-vgg8"]["top1"]["vanilla"] == 70.36
+    assert settings["cifar100/wrn_22_4-wrn_10_4"]["top1"] == {
+        "teacher": 77.22, "vanilla": 71.62, "kd": 71.88, "mhgd": 72.79}
+    for entry in settings.values():
+        source = published["sources"][entry["source"]]
+        assert source["citation"] and source["epoch"] == "last" and source["aggregate"]
+
+
+def test_aggregation_modules_import_no_torch() -> None:
+    code = ("import sys, kdbench.aggregate, kdbench.tables, kdbench.report; "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
+            "assert not bad, bad")
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

@@ -1,0 +1,45 @@
+"""The store: atomic JSON records, unreadable files reported and never fatal."""
+
+import json
+
+import pytest
+
+from kdbench.spec import RunSpec
+from kdbench.store import CorruptRecord, Store, load_records
+
+
+def record(spec: RunSpec, status="done"):
+    return {"id": spec.id, "status": status, "spec": spec.to_json(), "metrics": {"top1_last": 50.0}}
+
+
+def test_write_read_round_trip(tmp_path):
+    store = Store(tmp_path)
+    spec = RunSpec("synthetic/tiny", "kd", 0)
+    store.write(record(spec))
+    assert store.read(spec.id)["metrics"]["top1_last"] == 50.0
+    assert store.is_done(spec.id)
+    assert [r["id"] for r in load_records(tmp_path)] == [spec.id]
+    assert not list(store.runs_dir.glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_truncated_record_is_reported_skipped_and_redone(tmp_path):
+    store = Store(tmp_path)
+    good, bad = RunSpec("synthetic/tiny", "kd", 0), RunSpec("synthetic/tiny", "kd", 1)
+    store.write(record(good))
+    store.write(record(bad))
+    path = store.record_path(bad.id)
+    path.write_text(path.read_text()[:40])  # a half-written file from a crashed copy
+    with pytest.raises(CorruptRecord, match=bad.id):
+        store.read(bad.id)
+    assert not store.is_done(bad.id)  # so the run is redone
+    assert [r["id"] for r in store.records()] == [good.id]
+    assert store.corrupt_files() == [path]
+
+
+def test_spec_id_is_stable_and_changes_with_any_override():
+    a = RunSpec("synthetic/tiny", "kd", 0, config={"temperature": 2.0})
+    assert a.id == RunSpec.from_json(json.loads(json.dumps(a.to_json()))).id
+    assert a.id != RunSpec("synthetic/tiny", "kd", 0, config={"temperature": 3.0}).id
+    assert a.id != RunSpec("synthetic/tiny", "kd", 0, config={"temperature": 2.0},
+                           overrides={"epochs": 1}).id
+    assert a.teacher_spec().role == "teacher" and a.teacher_spec().seed == 0
