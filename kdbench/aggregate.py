@@ -38,7 +38,6 @@ import difflib
 import fnmatch
 import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Iterable, Mapping, Sequence
@@ -171,14 +170,15 @@ def dense_ranks(means: Mapping[str, float], decimals: int) -> dict[str, int]:
     """
     shown = {row: round(mean, decimals) for row, mean in means.items() if math.isfinite(mean)}
     levels = sorted(set(shown.values()), reverse=True)
-    return {row: levels.index(value) + 1 + (value != levels[0]) for row, value in shown.items()}
+    return {row: levels.index(value) + 1 for row, value in shown.items()}
 
 
 def resolve_metric(name: str) -> str:
     """``last``/``best`` or a metrics key (top1_last, top5_best, ...) -> the metrics key."""
     metric = METRIC_ALIASES.get(name, name)
     if metric not in METRICS:
-        raise UserError(f"unknown metric {name!r}; choose last, best or one of {', '.join(METRICS)}")
+        raise UserError(f"unknown metric {name!r}; choose last, best or one of "
+                        f"{', '.join(METRICS)}")
     return metric
 
 
@@ -287,7 +287,7 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def _show(value: Any) -> str:
     if value is _UNSET:
-        return "unset"
+        return "default"
     if isinstance(value, str):
         return value
     return json.dumps(value)
@@ -478,7 +478,8 @@ def _cells(runs: pd.DataFrame, settings: Sequence[str], rows: Sequence[str],
         in_setting = runs[runs["setting"] == setting]
         student = in_setting[in_setting["row"].map(_base) == STUDENT]
         if student.empty:
-            notes.append(f"{setting}: no Student (vanilla) runs, so no difference or test against it")
+            notes.append(f"{setting}: no Student (vanilla) runs, so no difference or test "
+                         "against it")
         for row in rows:
             group = in_setting[in_setting["row"] == row]
             if group.empty:
@@ -531,6 +532,7 @@ def _significance(cells: pd.DataFrame, runs: pd.DataFrame, settings: Sequence[st
     """Fill p-values vs Student and vs the column's best; Holm over the whole table."""
     for name in ("p_vs_student", "p_vs_student_holm", "p_vs_best", "p_vs_best_holm"):
         cells[name] = math.nan
+    # Values per side behind a test: the smaller sample for Welch, the shared seeds if paired.
     cells["n_vs_student"] = 0
     cells["n_vs_best"] = 0
     cells["best_row"] = None

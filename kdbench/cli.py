@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from kdbench import registry, settings
+from kdbench import settings
 from kdbench.errors import UserError
 
 EXIT_USAGE = 2
@@ -108,6 +108,7 @@ def build_parser() -> ArgumentParser:
 
 def parse_assignments(assignments: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
     """``--set kd.temperature=2`` → {"kd": {"temperature": 2.0}}, typed by the method's Config."""
+    from kdbench import registry
     from kdbench.method import parse_config_value
 
     config: dict[str, dict[str, Any]] = {}
@@ -143,6 +144,7 @@ def check_results_dir(results: Path) -> None:
 
 
 def grid_from_args(args: argparse.Namespace, creating: bool):
+    from kdbench import registry
     from kdbench.grid import Grid, with_baseline
 
     methods = with_baseline(args.methods if args.methods else ["kd"])
@@ -191,10 +193,10 @@ def command_run(args: argparse.Namespace) -> int:
     from kdbench.store import Store
 
     grid, chosen = grid_from_args(args, creating=False)
-    for setting in chosen:
-        data.require(setting.dataset, args.data_dir)
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise UserError(f"--data-dir {args.data_dir} does not exist")
+    for setting in chosen:
+        data.require(setting.dataset, args.data_dir)
     check_results_dir(args.results)
     if args.teacher_checkpoint is not None:
         grid, chosen = grid_from_args(args, creating=True)
@@ -213,6 +215,7 @@ def command_run(args: argparse.Namespace) -> int:
           + (f", plus {len(todo_teachers)} teacher{'s' if len(todo_teachers) > 1 else ''}" if todo_teachers else "")
           + f"; results in {args.results}/", flush=True)
     failed = []
+    submitted = []
     if not todo_students and not todo_teachers:
         print("kdbench: nothing to train: every result is stored", flush=True)
     elif args.dry_run:
@@ -221,14 +224,21 @@ def command_run(args: argparse.Namespace) -> int:
         return 0
     else:
         results = launch_grid(args, todo_teachers, todo_students, chosen)
-        failed = [result for result in results if result.status != "done"]
+        # "submitted": queued on SLURM with --no-wait; not a failure, not a result yet.
+        submitted = [result for result in results if result.status == "submitted"]
+        failed = [result for result in results if result.status not in ("done", "submitted")]
+        if submitted:
+            flags = f"--results {args.results}"
+            print(f"kdbench: {len(submitted)} run{'s' if len(submitted) > 1 else ''} submitted to SLURM; "
+                  f"follow with `python -m kdbench status {flags}`, tabulate what has finished with "
+                  f"`python -m kdbench table {flags}`", flush=True)
         if failed:
             print(f"kdbench: {len(failed)} run{'s' if len(failed) > 1 else ''} failed "
                   "(stored with their errors; `kdbench status` shows them, re-running retries them):",
                   file=sys.stderr)
             for result in failed:
                 print(f"  {result.spec.label()} ({result.spec.id}): {result.error}", file=sys.stderr)
-    if not args.no_table:
+    if not args.no_table and not submitted:
         table_args = build_parser().parse_args(
             ["table", "--results", str(args.results), "--settings", ",".join(grid.settings),
              "--methods", ",".join(grid.methods)])
@@ -271,7 +281,8 @@ def launch_grid(args: argparse.Namespace, teachers, students, chosen) -> list:
 
 
 def command_list(args: argparse.Namespace) -> int:
-    from kdbench.models import FAMILY_EXAMPLES, KNOWN_ARCHITECTURES
+    from kdbench import registry
+    from kdbench.models import KNOWN_ARCHITECTURES
 
     print("Methods (kdbench.methods entry points):")
     for name in registry.names():
@@ -300,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "table":
             from kdbench.report import table_command
 
-            return table_command(args)
+            return table_command(args, ["kdbench", *argv] if argv is not None else None)
         return COMMANDS[args.command](args)
     except UserError as error:
         print(f"kdbench: error: {error}", file=sys.stderr)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from kdbench.errors import UserError
+from kdbench.settings import Augmentation
 
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "synthetic")
 # (input channels, classes) of each dataset, known without loading it.
@@ -258,13 +259,6 @@ def synthetic(num_classes: int = 10, train_per_class: int = 120, test_per_class:
 
 
 # --- batches ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Augmentation:
-    crop_padding: int = 4  # RandomCrop(32, padding=4): common recipe (specs/methods.md)
-    pad_mode: str = "constant"  # torchvision pads with zeros; MHGD's reference reflects
-    flip: bool = True
-
 
 class BatchStream:
     """Seeded, device-resident training batches and test batches for one dataset."""

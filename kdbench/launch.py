@@ -3,7 +3,8 @@
 - ``inprocess``: one after the other in this process (tests; no start-up cost);
 - ``local`` (the default): subprocesses on this machine, ``jobs`` at a time, CPU threads split
   between them;
-- ``slurm``: see ``SlurmExecutor``.
+- ``slurm``: one job per teacher, then the students as one job array per teacher that starts
+  only after it succeeded (``SlurmExecutor``).
 
 Every executor runs teachers first and a student only after its teacher succeeded, calls the
 same ``worker.run_job`` with plain-JSON RunSpecs, and returns one result per spec.
@@ -11,23 +12,36 @@ same ``worker.run_job`` with plain-JSON RunSpecs, and returns one result per spe
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import multiprocessing
 import os
+import shutil
+import subprocess
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+import submitit
+
+from kdbench.errors import UserError
+from kdbench.grid import running_marker
 from kdbench.progress import ProgressDisplay
-from kdbench.spec import RunSpec
+from kdbench.slurm_presets import SlurmPreset, resolve_preset
+from kdbench.spec import TEACHER, RunSpec
+from kdbench.store import CorruptRecord, Store, write_atomically
 from kdbench.train import TrainOptions
-from kdbench.worker import run_job
+from kdbench.worker import failed_record, run_job
 
 
 @dataclass
 class Result:
     spec: RunSpec
-    status: str  # "done" | "failed"
+    status: str  # "done" | "failed" | "submitted" (SLURM without waiting)
     error: str | None = None
 
 
@@ -42,6 +56,12 @@ def teacher_failed(spec: RunSpec, failed_teachers: dict[str, str]) -> Result | N
     if teacher_id in failed_teachers:
         return Result(spec, "failed", f"its teacher failed: {failed_teachers[teacher_id]}")
     return None
+
+
+def finish_detail(outcome: dict[str, Any]) -> str:
+    if outcome.get("skipped"):
+        return "found stored (trained by another launch)"
+    return outcome.get("error") or ""
 
 
 class Executor(Protocol):
@@ -72,7 +92,7 @@ class InProcessExecutor:
             if outcome["status"] != "done" and spec in teachers:
                 failed_teachers[spec.id] = outcome["error"]
             if self.display:
-                self.display.finish(label, outcome["status"], outcome.get("error") or "")
+                self.display.finish(label, outcome["status"], finish_detail(outcome))
             outcomes.append(Result(spec, outcome["status"], outcome.get("error")))
         return outcomes
 
@@ -146,7 +166,7 @@ class LocalExecutor:
                 if outcome["status"] != "done" and are_teachers:
                     failed_teachers[spec.id] = outcome["error"]
                 if self.display:
-                    self.display.finish(spec.label(), outcome["status"], outcome.get("error") or "")
+                    self.display.finish(spec.label(), outcome["status"], finish_detail(outcome))
                 outcomes.append(Result(spec, outcome["status"], outcome.get("error")))
         self._drain(events, started)
         return outcomes
@@ -164,6 +184,428 @@ class LocalExecutor:
                 self.display.event(label, event)
 
 
+# --- SLURM ------------------------------------------------------------------------------------
+#
+# Under <results>/slurm/:
+#   logs/                submitit's folder: job scripts, pickled calls (a RunSpec as JSON, never
+#                        a model), results, and each task's stdout/stderr (<job id>_0_log.out|err)
+#   jobs/<run id>.json   where each run was sent (SlurmSubmission): what `kdbench status` asks
+#                        SLURM about for the runs the store has no record of yet
+#   snapshots/<time>/    the code the jobs of a --snapshot submission run
+
+POLL_S = 2.0  # one sacct call per poll for every job in flight
+# A task that SLURM reports ended but whose record and result file we cannot see yet may be on a
+# shared file system that shows new files late; submitit waits as long for its result file.
+RESULT_GRACE_S = 15.0
+# sacct's words for jobs that wait (PREEMPTED: submitit requeues them, as it does REQUEUED) and
+# for jobs that run; any other state means the job has ended.
+QUEUED_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD",
+                 "SUSPENDED", "PREEMPTED", "RESIZING", "UNKNOWN"}
+RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING"}
+
+
+class SlurmTask(submitit.helpers.Checkpointable):
+    """One run as a SLURM job or array task: ``worker.run_job`` on a RunSpec given as JSON.
+
+    Checkpointable: when SLURM warns of the time limit or a preemption (USR2), submitit calls
+    ``checkpoint`` and requeues the job. The training state is not in this object but in the
+    run's epoch checkpoint under results/checkpoints/, written atomically after every epoch,
+    so resubmitting the very same call is all it takes: the requeued task resumes from its
+    last finished epoch. A job requeued without warning (``scontrol requeue``, a node failure
+    with --requeue) restarts the same call and resumes the same way."""
+
+    def __call__(self, spec_json: dict[str, Any], results: str, options: dict[str, Any]) -> dict[str, Any]:
+        spec = RunSpec.from_json(spec_json)
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        job_id = os.environ.get("SLURM_ARRAY_JOB_ID")
+        job_id = (f"{job_id}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job_id
+                  else os.environ.get("SLURM_JOB_ID", "?"))
+        # One line per attempt in the task's log, so a requeue is visible there.
+        print(f"kdbench: {spec.label()} ({spec.id}): SLURM job {job_id}, attempt {restarts + 1}",
+              flush=True)
+        outcome = run_job(spec_json, results, options, on_progress=log_epoch, raise_on_failure=True)
+        if not outcome.get("skipped"):
+            note_restarts(Store(Path(results)), spec.id, restarts)
+        return outcome
+
+    def checkpoint(self, spec_json: dict[str, Any], results: str, options: dict[str, Any]
+                   ) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(self, spec_json, results, options)
+
+
+def log_epoch(event: dict[str, Any]) -> None:
+    """One line per finished epoch in the task's log: progress to `tail -f`, and after a
+    requeue the proof that training went on from the checkpoint instead of from epoch 1."""
+    if event.get("event") != "epoch":
+        return
+    stage = "" if event.get("stage") in (None, "main") else f"[{event['stage']}] "
+    accuracy = f" test top-1 {event['top1']:.2f}%" if "top1" in event else ""
+    print(f"kdbench: {stage}epoch {event['epoch']}/{event['epochs']} loss {event['loss']:.4f}{accuracy}",
+          flush=True)
+
+
+def note_restarts(store: Store, run_id: str, restarts: int) -> None:
+    """Add how often SLURM restarted the job to the record's provenance (0: never)."""
+    record = store.read(run_id)
+    if record is not None:
+        record.setdefault("provenance", {})["slurm_restart_count"] = restarts
+        store.write(record)
+
+
+def slurm_dir(results: Path) -> Path:
+    return results / "slurm"
+
+
+@dataclass(frozen=True)
+class SlurmSubmission:
+    """Where one run was sent: ``<results>/slurm/jobs/<run id>.json``."""
+
+    run_id: str
+    label: str
+    job_id: str  # "123" (a single job) or "124_3" (task 3 of array 124)
+    folder: str  # submitit's folder of the job (scripts, logs)
+    spec: dict[str, Any]
+    after: str | None  # the teacher job this task waits for (sbatch --dependency=afterok:...)
+    submitted_at: str
+
+    def log_paths(self) -> dict[str, str]:
+        paths = submitit.core.utils.JobPaths(self.folder, job_id=self.job_id, task_id=0)
+        return {"stdout": str(paths.stdout), "stderr": str(paths.stderr)}
+
+    def result_file(self) -> Path:
+        return submitit.core.utils.JobPaths(self.folder, job_id=self.job_id, task_id=0).result_pickle
+
+
+def write_submission(results: Path, submission: SlurmSubmission) -> None:
+    path = slurm_dir(results) / "jobs" / f"{submission.run_id}.json"
+    write_atomically(path, json.dumps(asdict(submission), indent=1, sort_keys=True).encode())
+
+
+def read_submissions(results: Path) -> dict[str, SlurmSubmission]:
+    """The latest submission of every run sent to SLURM from this results directory."""
+    found = {}
+    for path in sorted((slurm_dir(results) / "jobs").glob("*.json")):
+        try:
+            submission = SlurmSubmission(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue  # half-copied or foreign file: that run just shows as not submitted
+        found[submission.run_id] = submission
+    return found
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, str] | None:
+    """SLURM's state word (PENDING, RUNNING, COMPLETED, TIMEOUT, ...) per job id, from one
+    sacct call; UNKNOWN for a job sacct does not know (yet). None when sacct cannot be asked."""
+    if not job_ids:
+        return {}
+    if shutil.which("sacct") is None:
+        return None
+    main_ids = sorted({job_id.split("_")[0] for job_id in job_ids})
+    try:
+        answer = subprocess.run(["sacct", "--parsable2", "-o", "JobID,State", "-j", ",".join(main_ids)],
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if answer.returncode != 0:
+        return None
+    # submitit's parser knows sacct's array notation (124_[2-3%4] for tasks not started yet).
+    info = submitit.slurm.slurm.SlurmInfoWatcher().read_info(answer.stdout)
+    return {job_id: ((info.get(job_id, {}).get("State") or "UNKNOWN").split() or ["UNKNOWN"])[0]
+            for job_id in job_ids}
+
+
+def phase_of(state: str) -> str:
+    """"pending", "running" or "ended" for a sacct state word."""
+    if state in QUEUED_STATES:
+        return "pending"
+    if state in RUNNING_STATES:
+        return "running"
+    return "ended"
+
+
+class SlurmJobDied(RuntimeError):
+    """A SLURM job that ended without storing a record: time limit, scancel, out of memory,
+    node failure. Stored as the run's error, like any exception a run raises."""
+
+
+def log_tail(path: str, lines: int = 20) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def store_slurm_failure(store: Store, submission: SlurmSubmission, state: str) -> str:
+    """Keep what SLURM and submitit know about a failed task in the run's record and return
+    its one-line error.
+
+    A task whose Python code raised has a failed record already (with the traceback): it gets
+    the job id, state and log paths added. A task that died without writing one gets a failed
+    record with submitit's error text (or the end of its stderr) and the log paths. A done
+    record is never touched."""
+    logs = submission.log_paths()
+    if submission.result_file().exists():
+        job = submitit.SlurmJob(folder=submission.folder, job_id=submission.job_id)
+        error = job.exception()  # the result file is there: no waiting
+        details = str(error) if error is not None else (
+            "the job completed but stored no record (was the results directory moved?)")
+    else:
+        tail = log_tail(logs["stderr"])
+        details = (f"SLURM job {submission.job_id} ended {state} without a result"
+                   + (f"; end of its stderr:\n{tail}" if tail else ""))
+    slurm = {"job_id": submission.job_id, "state": state, **logs, "submitit_error": details[-4000:]}
+    try:
+        record = store.read(submission.run_id)
+    except CorruptRecord:
+        record = None
+    if record is not None and record.get("status") == "done":
+        return ""
+    if record is not None and stale(record, submission):
+        record = None  # the failure of an earlier attempt: this one's replaces it
+    if record is None:
+        spec = RunSpec.from_json(submission.spec)
+        died = SlurmJobDied(f"SLURM job {submission.job_id} ended {state} without storing a "
+                            f"result (time limit, scancel, out of memory or node failure); "
+                            f"log: {logs['stderr']}")
+        record = failed_record(spec, died, extra={"slurm": slurm})
+        store.write(record)
+        # The worker could not remove its marker; on another host it would read as running.
+        running_marker(store, submission.run_id).unlink(missing_ok=True)
+    elif "slurm" not in (record.get("error") or {}):
+        record.setdefault("error", {})["slurm"] = slurm
+        store.write(record)
+    error = record.get("error") or {}
+    return f"{error.get('type', 'error')}: {error.get('message', '')} (SLURM job {submission.job_id}, {state}; log {logs['stderr']})"
+
+
+def stale(record: dict[str, Any], submission: SlurmSubmission) -> bool:
+    """A failed record written before this submission (by an earlier, retried attempt)."""
+    finished = (record.get("provenance") or {}).get("finished_at") or ""
+    return finished < submission.submitted_at  # both ISO 8601 UTC, to the second
+
+
+class SlurmExecutor:
+    """Teachers as single jobs, then the students of each teacher as ONE job array that SLURM
+    starts only after that teacher's job succeeded (--dependency=afterok, and
+    --kill-on-invalid-dep so a failed teacher cancels its students instead of leaving them
+    queued forever). Every task runs ``SlurmTask`` on one RunSpec as JSON.
+
+    Runs that a previous submission still has queued or running in SLURM are followed, not
+    submitted twice. With ``wait`` (the default) it polls sacct and the store until every run
+    has ended, showing done/running/pending/failed; without, it returns at once with every
+    run "submitted", and ``kdbench status`` follows up."""
+
+    def __init__(self, preset: SlurmPreset, display: ProgressDisplay | None = None,
+                 wait: bool = True, snapshot: bool = False) -> None:
+        self.preset = preset
+        self.display = display
+        self.wait = wait
+        self.snapshot = snapshot
+
+    # ---- submission --------------------------------------------------------------------------
+
+    def _executor(self, folder: Path, name: str, after: str | None) -> submitit.AutoExecutor:
+        preset = self.preset
+        # cluster="slurm" always: with cluster=None submitit picks SLURM whenever srun is on
+        # PATH, and picks something else when it is not.
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
+                                         slurm_max_num_timeout=preset.max_requeues,
+                                         slurm_python=preset.python)
+        sbatch: dict[str, Any] = dict(preset.sbatch)
+        if after is not None:
+            sbatch["kill-on-invalid-dep"] = "yes"
+        parameters: dict[str, Any] = {
+            "name": name, "timeout_min": preset.time_min, "cpus_per_task": preset.cpus_per_task,
+            "mem_gb": preset.mem_gb, "tasks_per_node": 1, "nodes": 1,
+            "slurm_partition": preset.partition, "slurm_account": preset.account,
+            "slurm_qos": preset.qos, "slurm_constraint": preset.constraint,
+            "slurm_array_parallelism": preset.array_parallelism,
+            "slurm_signal_delay_s": preset.signal_delay_s,
+            "slurm_dependency": f"afterok:{after}" if after else None,
+            "slurm_setup": list(preset.setup) or None,
+            "slurm_additional_parameters": sbatch or None,
+        }
+        # One task is one run on one node; --gpus-per-node rather than --gpus-per-task, which
+        # some SLURM versions refuse without --ntasks.
+        if preset.gpus_per_task:
+            parameters["gpus_per_node"] = preset.gpus_per_task
+        executor.update_parameters(**{key: value for key, value in parameters.items() if value is not None})
+        return executor
+
+    def _job_options(self, options: TrainOptions) -> dict[str, Any]:
+        from kdbench.data import default_data_dir
+
+        # Jobs start in another working directory (a snapshot's, or a node's): paths absolute.
+        data_dir = (options.data_dir or default_data_dir()).resolve()
+        threads = options.threads or self.preset.cpus_per_task
+        return options_json(TrainOptions(**{**asdict(options), "data_dir": data_dir, "threads": threads}))
+
+    def _snapshot(self, results: Path) -> contextlib.AbstractContextManager:
+        if not self.snapshot:
+            return contextlib.nullcontext()
+        # Jobs start in the snapshot (the job's working directory is the one sbatch was called
+        # from) and `python -m` puts it first on sys.path: kdbench and the built-in methods are
+        # imported from the copy, even with an editable install.
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        target = slurm_dir(results) / "snapshots" / stamp
+        print(f"kdbench: code snapshot for these jobs: {target}", flush=True)
+        return submitit.helpers.RsyncSnapshot(snapshot_dir=target, root_dir=source_root())
+
+    def _submit(self, specs: list[RunSpec], folder: Path, results: Path, options: dict[str, Any],
+                name: str, after: str | None) -> list[SlurmSubmission]:
+        executor = self._executor(folder, name, after)
+        task = SlurmTask()
+        try:
+            # submitit also prints sbatch's complaint to stderr; it is in our one-line error.
+            with contextlib.redirect_stderr(io.StringIO()):
+                if len(specs) == 1:
+                    jobs = [executor.submit(task, specs[0].to_json(), str(results), options)]
+                else:
+                    jobs = executor.map_array(task, [spec.to_json() for spec in specs],
+                                              [str(results)] * len(specs), [options] * len(specs))
+        except submitit.core.utils.FailedJobError as error:  # sbatch said no
+            reason = " ".join(str(error).split())[:500]
+            raise UserError(f"sbatch refused the job ({self.preset.source}): {reason}") from None
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        submissions = [SlurmSubmission(spec.id, spec.label(), job.job_id, str(folder), spec.to_json(),
+                                       after, now) for spec, job in zip(specs, jobs)]
+        for submission in submissions:
+            write_submission(results, submission)
+        return submissions
+
+    def _in_flight(self, specs: list[RunSpec], results: Path) -> dict[str, SlurmSubmission]:
+        """Runs of this grid that an earlier submission has queued or running in SLURM."""
+        earlier = read_submissions(results)
+        candidates = [earlier[spec.id] for spec in specs if spec.id in earlier]
+        states = slurm_states([submission.job_id for submission in candidates]) or {}
+        in_flight = {}
+        for submission in candidates:
+            # UNKNOWN: sacct has no such job (another cluster, a wiped test cluster): resubmit.
+            state = states.get(submission.job_id, "UNKNOWN")
+            if state != "UNKNOWN" and phase_of(state) != "ended":
+                in_flight[submission.run_id] = submission
+        return in_flight
+
+    def run(self, teachers: list[RunSpec], students: list[RunSpec], results: Path,
+            options: TrainOptions) -> list[Result]:
+        results = Path(results).resolve()
+        folder = slurm_dir(results) / "logs"
+        job_options = self._job_options(options)
+        in_flight = self._in_flight(teachers + students, results)
+        submitted: list[SlurmSubmission] = []
+        followed = list(in_flight.values())
+        teacher_jobs: dict[str, str] = {spec.id: in_flight[spec.id].job_id
+                                        for spec in teachers if spec.id in in_flight}
+        try:
+            with self._snapshot(results):
+                for spec in teachers:
+                    if spec.id not in in_flight:
+                        [submission] = self._submit([spec], folder, results, job_options,
+                                                    "kdbench-teacher", None)
+                        submitted.append(submission)
+                        teacher_jobs[spec.id] = submission.job_id
+                groups: dict[str | None, list[RunSpec]] = {}
+                for spec in students:
+                    if spec.id not in in_flight:
+                        groups.setdefault(teacher_jobs.get(spec.teacher_spec().id), []).append(spec)
+                for after, group in groups.items():
+                    submitted += self._submit(group, folder, results, job_options, "kdbench", after)
+        except BaseException:
+            # All or nothing: do not leave half a grid queued behind an error.
+            cancel([submission.job_id for submission in submitted])
+            raise
+        self._report_submission(submitted, followed, folder)
+        by_id = {submission.run_id: submission for submission in submitted + followed}
+        if not self.wait:
+            return [Result(spec, "submitted") for spec in teachers + students]
+        outcomes = self._follow(list(by_id.values()), Store(results))
+        return [outcomes[spec.id] for spec in teachers + students]
+
+    def _report_submission(self, submitted: list[SlurmSubmission], followed: list[SlurmSubmission],
+                           folder: Path) -> None:
+        arrays: dict[str, list[SlurmSubmission]] = {}
+        for submission in submitted:
+            arrays.setdefault(submission.job_id.split("_")[0], []).append(submission)
+        for job_id, members in arrays.items():
+            after = f", starts after job {members[0].after} succeeds" if members[0].after else ""
+            what = (members[0].label if len(members) == 1 and "_" not in members[0].job_id
+                    else f"array of {len(members)} runs")
+            print(f"kdbench: SLURM job {job_id}: {what}{after}", flush=True)
+        if followed:
+            print(f"kdbench: {len(followed)} run{'s' if len(followed) > 1 else ''} already queued or "
+                  f"running in SLURM (not submitted again): "
+                  + ", ".join(f"{s.label} [{s.job_id}]" for s in followed), flush=True)
+        print(f"kdbench: {self.preset.describe()} ({self.preset.source}); logs in {folder}/", flush=True)
+
+    # ---- following the jobs ----------------------------------------------------------------
+
+    def _follow(self, submissions: list[SlurmSubmission], store: Store) -> dict[str, Result]:
+        open_runs = {submission.run_id: submission for submission in submissions}
+        outcomes: dict[str, Result] = {}
+        ended_at: dict[str, float] = {}
+
+        def finish(submission: SlurmSubmission, status: str, error: str | None = None) -> None:
+            del open_runs[submission.run_id]
+            spec = RunSpec.from_json(submission.spec)
+            outcomes[spec.id] = Result(spec, status, error)
+            if self.display:
+                self.display.finish(spec.label(), status, error or "")
+
+        while open_runs:
+            states = slurm_states([s.job_id for s in open_runs.values()])
+            if states is None:
+                raise UserError("sacct does not answer: cannot follow the SLURM jobs; they go on "
+                                "without us: `kdbench status` shows them later")
+            running: dict[str, str] = {}
+            pending = 0
+            for submission in list(open_runs.values()):
+                if submission.run_id not in open_runs:  # finished above as a failed teacher's student
+                    continue
+                state = states.get(submission.job_id, "UNKNOWN")
+                if store.is_done(submission.run_id):
+                    finish(submission, "done")
+                    continue
+                phase = phase_of(state)
+                if phase == "pending":
+                    pending += 1
+                    continue
+                if phase == "running":
+                    running[submission.label] = f"running (SLURM job {submission.job_id})"
+                    continue
+                first_seen = ended_at.setdefault(submission.run_id, time.monotonic())
+                if not submission.result_file().exists() and time.monotonic() - first_seen < RESULT_GRACE_S:
+                    continue
+                error = store_slurm_failure(store, submission, state)
+                if store.is_done(submission.run_id):
+                    finish(submission, "done")
+                    continue
+                finish(submission, "failed", error)
+                if RunSpec.from_json(submission.spec).role == TEACHER:
+                    students = [s for s in open_runs.values() if s.after == submission.job_id]
+                    cancel([s.job_id for s in students])  # they can never start
+                    for student in students:
+                        finish(student, "failed", f"its teacher failed: {error}")
+            if self.display:
+                self.display.queue(running, pending)
+            if open_runs:
+                time.sleep(POLL_S)
+        return outcomes
+
+
+def cancel(job_ids: list[str]) -> None:
+    if job_ids and shutil.which("scancel"):
+        subprocess.run(["scancel", *job_ids], capture_output=True, timeout=60)
+
+
+def source_root() -> Path:
+    """The git checkout kdbench runs from (what --snapshot copies)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        raise UserError(f"--snapshot copies the git checkout kdbench runs from, but {root} is not "
+                        "one (kdbench installed from a wheel runs the installed copy anyway)")
+    return root
+
+
 EXECUTORS = ("local", "inprocess", "slurm")
 
 
@@ -175,5 +617,14 @@ def make_executor(name: str, jobs: int = 1, display: ProgressDisplay | None = No
     if name == "local":
         return LocalExecutor(jobs, display)
     if name == "slurm":
-        raise NotImplementedError("the SLURM executor is not available yet")
+        # Everything a user can get wrong is checked here, before anything is submitted.
+        slurm_preset = resolve_preset(preset, preset_overrides)
+        if shutil.which("sbatch") is None or shutil.which("srun") is None:
+            raise UserError("--executor slurm: no SLURM here (sbatch/srun not on PATH); "
+                            "run on the cluster's login node")
+        if snapshot:
+            if not submitit.helpers.RsyncSnapshot.available():
+                raise UserError("--snapshot needs rsync (e.g. apt-get install rsync)")
+            source_root()
+        return SlurmExecutor(slurm_preset, display, wait, snapshot)
     raise ValueError(name)

@@ -192,10 +192,11 @@ def parse_config_value(config_class: type[MethodConfig], key: str, raw: str) -> 
         if lowered in {"false", "0", "no"}:
             return False
         raise ValueError(f"expected true/false, got {raw!r}")
-    if wanted is int:
-        return int(raw)
-    if wanted is float:
-        return float(raw)
+    if wanted in (int, float):
+        try:
+            return wanted(raw)
+        except ValueError:
+            raise ValueError(f"expected {'an int' if wanted is int else 'a float'}, got {raw!r}") from None
     if wanted is str:
         return raw
     if origin in (tuple, list):

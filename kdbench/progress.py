@@ -1,6 +1,10 @@
 """Progress on the terminal: an overall bar and one line per run in flight (epoch, loss,
 accuracy). On a terminal the block is redrawn in place; in a log (CI, SLURM) each finished
-epoch and run is one plain line, so logs stay readable."""
+epoch and run is one plain line, so logs stay readable.
+
+Executors that see runs only from outside (SLURM: no epoch events come back from the nodes)
+report with ``queue`` which runs are running and how many wait; the bar then counts done,
+running, pending and failed runs, and a log gets one line whenever those counts change."""
 
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ class ProgressDisplay:
         self.active: dict[str, str] = {}
         self.started = time.time()
         self._drawn = 0
+        self.pending: int | None = None  # runs waiting in a queue; None: not queue-based
+        self._last_counts: tuple[int, ...] = ()
 
     def event(self, run: str, event: dict[str, Any]) -> None:
         kind = event.get("event")
@@ -45,10 +51,27 @@ class ProgressDisplay:
             self.failed += 1
         self._print(f"[{self.finished}/{self.total}] {run}: {status}{(' - ' + detail) if detail else ''}")
 
+    def queue(self, running: dict[str, str], pending: int) -> None:
+        """The runs running now (label -> what to show) and how many wait in the queue."""
+        self.active = dict(running)
+        self.pending = pending
+        counts = (self.finished, self.failed, len(running), pending)
+        if not self.live and counts != self._last_counts:
+            self._print(f"  {self._counts()}")
+        self._last_counts = counts
+        self._redraw()
+
+    def _counts(self) -> str:
+        return (f"{self.finished - self.failed} done, {len(self.active)} running, "
+                f"{self.pending} pending, {self.failed} failed")
+
     def _bar(self) -> str:
         width = 30
         filled = int(width * self.finished / max(self.total, 1))
         elapsed = time.time() - self.started
+        if self.pending is not None:
+            return (f"[{'#' * filled}{'.' * (width - filled)}] {self.finished}/{self.total} runs "
+                    f"ended: {self._counts()}, {elapsed / 60:.1f} min")
         failed = f", {self.failed} failed" if self.failed else ""
         return (f"[{'#' * filled}{'.' * (width - filled)}] {self.finished}/{self.total} runs"
                 f"{failed}, {elapsed / 60:.1f} min")

@@ -9,14 +9,13 @@ silent overwrite.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import inspect
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import EntryPoint, entry_points
 
-from kdbench.errors import UserError
+from kdbench.errors import UserError, suggest
 from kdbench.method import Method
 
 GROUP = "kdbench.methods"
@@ -51,13 +50,6 @@ def registrations() -> dict[str, list[Registration]]:
 
 def names() -> list[str]:
     return sorted(registrations())
-
-
-def suggest(name: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
-    if close:
-        return "did you mean " + " or ".join(close) + "?"
-    return "known: " + ", ".join(candidates)
 
 
 @lru_cache(maxsize=None)

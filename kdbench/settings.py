@@ -11,9 +11,14 @@ import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
 
-from kdbench.data import Augmentation
-from kdbench.errors import UserError
-from kdbench.registry import suggest
+from kdbench.errors import UserError, suggest
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    crop_padding: int = 4  # RandomCrop(32, padding=4): common recipe (specs/methods.md)
+    pad_mode: str = "constant"  # torchvision pads with zeros; MHGD's reference reflects
+    flip: bool = True
 
 
 @dataclass(frozen=True)

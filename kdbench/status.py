@@ -1,19 +1,28 @@
-"""``kdbench status``: done / failed / running / missing runs per setting and method.
+"""``kdbench status``: done / failed / running / pending / missing runs per setting and method.
 
 With ``--methods`` (and the same grid arguments as ``run``) it checks that grid, so missing
-runs show; without, it summarises everything the results directory holds.
+runs show; without, it summarises everything the results directory holds, runs submitted to
+SLURM but not stored yet included.
+
+The store says what has finished. For the runs it has no result of, the SLURM jobs that
+``run --executor slurm`` recorded under ``<results>/slurm/jobs/`` are asked about with one
+``sacct`` call: queued tasks are "pending", running ones "running", and a task that ended
+without storing a record (time limit, scancel, out of memory, node failure) is "failed": its
+record is written then, with SLURM's state and the log paths, so the error outlives sacct's
+memory and shows in the next status too.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections import Counter, defaultdict
-
+from pathlib import Path
 from kdbench.grid import RunState, state_of
 from kdbench.spec import TEACHER, RunSpec
 from kdbench.store import Store
 
-STATES = ("done", "failed", "running", "missing")
+STATES = ("done", "failed", "running", "pending", "missing")
+LISTED = 20  # at most this many running/pending runs are listed one per line
 
 
 def stored_states(store: Store) -> list[RunState]:
@@ -23,18 +32,71 @@ def stored_states(store: Store) -> list[RunState]:
     return states
 
 
+def error_line(state: RunState) -> str:
+    """The run's error, with where SLURM kept its logs when it ran there."""
+    error = (state.record or {}).get("error") or {}
+    slurm = error.get("slurm") if isinstance(error, dict) else None
+    line = state.error or ""
+    if slurm:
+        line += f" [SLURM job {slurm.get('job_id')} {slurm.get('state')}; log {slurm.get('stderr')}]"
+    return line
+
+
+def with_slurm(states: list[RunState], store: Store, results: Path) -> tuple[list[RunState], str | None]:
+    """Runs not done in the store, updated from SLURM. Returns the states and a note when
+    SLURM could not be asked."""
+    from kdbench.launch import phase_of, read_submissions, slurm_states, store_slurm_failure
+
+    submissions = read_submissions(results)
+    asked = [submissions[s.spec.id] for s in states if s.state != "done" and s.spec.id in submissions]
+    if not asked:
+        return states, None
+    slurm = slurm_states([submission.job_id for submission in asked])
+    if slurm is None:
+        return states, (f"SLURM could not be asked (sacct): {len(asked)} submitted run"
+                        f"{'s' if len(asked) > 1 else ''} shown from the store only")
+    asked_ids = {submission.run_id for submission in asked}
+    updated = []
+    for state in states:
+        submission = submissions.get(state.spec.id)
+        if submission is None or submission.run_id not in asked_ids:
+            updated.append(state)
+            continue
+        slurm_state = slurm[submission.job_id]
+        phase = phase_of(slurm_state)
+        where = f"SLURM job {submission.job_id} {slurm_state}"
+        if phase in ("pending", "running"):
+            # SLURM's live state wins over a failed record of an earlier attempt.
+            updated.append(RunState(state.spec, phase, where))
+            continue
+        store_slurm_failure(store, submission, slurm_state)
+        updated.append(state_of(state.spec, store))
+    return updated, None
+
+
 def print_status(args: argparse.Namespace) -> int:
     from kdbench.cli import grid_from_args
     from kdbench.errors import UserError
 
-    store = Store(args.results)
-    if args.methods or args.setting or args.seeds:
+    results = Path(args.results)
+    store = Store(results)
+    if args.methods or args.setting or args.seeds or args.seed_list:
         grid, _ = grid_from_args(args, creating=False)
         states = [state_of(spec, store) for spec in grid.teachers() + grid.students()]
     else:
-        if not store.runs_dir.is_dir():
-            raise UserError(f"no results in {args.results} (no runs/ directory)")
-        states = stored_states(store)
+        jobs_dir = results / "slurm" / "jobs"
+        if not store.runs_dir.is_dir() and not jobs_dir.is_dir():
+            raise UserError(f"no results in {args.results} (no runs/ directory, nothing submitted)")
+        states = stored_states(store) if store.runs_dir.is_dir() else []
+        known = {state.spec.id for state in states}
+        if jobs_dir.is_dir():
+            from kdbench.launch import read_submissions
+
+            for submission in read_submissions(results).values():
+                if submission.run_id not in known:
+                    states.append(state_of(RunSpec.from_json(submission.spec), store))
+    states, note = with_slurm(states, store, results)
+
     table: dict[tuple[str, str], Counter] = defaultdict(Counter)
     for state in states:
         row = "teacher" if state.spec.role == TEACHER else state.spec.method
@@ -43,9 +105,18 @@ def print_status(args: argparse.Namespace) -> int:
     print(f"{'setting':<{width}}  {'method':<10} " + " ".join(f"{s:>8}" for s in STATES))
     for (setting, row), counts in table.items():
         print(f"{setting:<{width}}  {row:<10} " + " ".join(f"{counts[s]:>8}" for s in STATES))
-    failed = [state for state in states if state.state == "failed"]
-    for state in failed:
-        print(f"failed: {state.spec.label()} ({state.spec.id}): {state.error}")
+    for kind in ("running", "pending"):
+        listed = [state for state in states if state.state == kind]
+        for state in listed[:LISTED]:
+            where = f" [{state.error}]" if state.error else ""
+            print(f"{kind}: {state.spec.label()} ({state.spec.id}){where}")
+        if len(listed) > LISTED:
+            print(f"{kind}: ... and {len(listed) - LISTED} more")
+    for state in states:
+        if state.state == "failed":
+            print(f"failed: {state.spec.label()} ({state.spec.id}): {error_line(state)}")
     for path in store.corrupt_files():
         print(f"unreadable record (will be redone): {path}")
+    if note:
+        print(f"note: {note}")
     return 0

@@ -190,7 +190,7 @@ def format_value(cell: pd.Series | None, summary: Summary, layout: Layout, mk: M
         text = mk.underline(text)
     marks = [kind for kind in ("student", "best") if cell[f"p_vs_{kind}_holm"] < summary.alpha]
     text += mk.marks(marks)
-    if n < expected or cell["n_failed"]:
+    if n < expected:  # failed or missing seeds: say so in the cell, never a silent smaller n
         text += " " + mk.small(f"({mk.math_n(f'{n} of {expected}')})")
     elif show_n:
         text += " " + mk.small(f"({mk.math_n(str(n))})")
@@ -255,8 +255,17 @@ def caption(summary: Summary, layout: Layout, mk: Markup) -> str:
         trained = "trained for " + "; ".join(
             f"{mk.escape(e)} epochs ({mk.escape(s)})"
             for s, e in zip(columns["setting"], columns["epochs"].astype(str)))
+    teacher_epochs = pd.unique(columns["teacher_epochs"].dropna().astype(str))
+    if len(teacher_epochs) == 1 and list(teacher_epochs) != list(epochs):
+        trained += f" (teachers {mk.escape(teacher_epochs[0])})"
     recipes = pd.unique(columns["recipe_source"].dropna())
-    recipe = f", {mk.escape(recipes[0])}" if len(recipes) == 1 else ""
+    if len(recipes) == 1:
+        recipe = f", {mk.escape(recipes[0])}"
+    else:  # say which recipe each column followed (MHGD's authors' recipe vs the common one)
+        used_by = {source: ", ".join(columns.loc[columns["recipe_source"] == source, "setting"])
+                   for source in recipes}
+        recipe = ", recipes: " + "; ".join(
+            mk.escape(f"{source} ({names})") for source, names in used_by.items())
     if summary.metric.endswith("last"):
         when = "at the last epoch"
     else:
@@ -297,7 +306,8 @@ def caption(summary: Summary, layout: Layout, mk: Markup) -> str:
             f"from the column's best, two-sided {test}, Holm-corrected over the "
             f"{summary.n_tests} tests of the table, {mk.alpha} = {summary.alpha:g}.")
     else:
-        parts.append(f"No difference is testable ({test} needs 2 or more runs per cell).")
+        parts.append(f"No difference is testable ({test} needs 2 or more runs per cell, with "
+                     "spread).")
     if layout.delta:
         parts.append(f"{mk.delta}: difference of means to Student.")
     if layout.published:

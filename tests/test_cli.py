@@ -1,0 +1,73 @@
+"""End to end through the command line on the synthetic setting: run, resume, table, list."""
+
+import csv
+import io
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from kdbench.cli import main
+
+GRID = ["--methods", "kd", "--seeds", "2", "--setting", "synthetic/tiny", "--executor", "inprocess"]
+
+
+@pytest.fixture(scope="module")
+def grid_results(tmp_path_factory):
+    results = tmp_path_factory.mktemp("cli") / "results"
+    assert main(["run", *GRID, "--results", str(results), "--no-table"]) == 0
+    return results
+
+
+def load(results):
+    return [json.loads(path.read_text()) for path in sorted((results / "runs").glob("*.json"))]
+
+
+def test_run_stores_teacher_baseline_and_method(grid_results):
+    records = load(grid_results)
+    rows = sorted((r["spec"]["role"], r["spec"]["method"], r["spec"]["seed"]) for r in records)
+    assert rows == [("student", "kd", 0), ("student", "kd", 1), ("student", "vanilla", 0),
+                    ("student", "vanilla", 1), ("teacher", "vanilla", 0)]
+    assert all(r["status"] == "done" for r in records)
+    assert not list((grid_results / "checkpoints").glob("*.pt"))
+
+
+def test_table_numbers_equal_the_records(grid_results, capsys):
+    capsys.readouterr()
+    assert main(["table", "--results", str(grid_results), "--format", "csv"]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    frame = pd.DataFrame([{"method": r["spec"]["method"], "role": r["spec"]["role"],
+                           "top1": r["metrics"]["top1_last"]} for r in load(grid_results)])
+    students = frame[frame.role == "student"].groupby("method").top1
+    for method, expected_mean in students.mean().items():
+        row = table[table["row"] == method].iloc[0]
+        assert row["mean"] == pytest.approx(expected_mean, abs=1e-9)
+        assert row["std"] == pytest.approx(students.std(ddof=1)[method], abs=1e-9)
+        assert row["n"] == 2
+
+
+def test_markdown_table_shows_teacher_student_and_method(grid_results, capsys):
+    capsys.readouterr()
+    assert main(["table", "--results", str(grid_results)]) == 0
+    text = capsys.readouterr().out
+    records = load(grid_results)
+    teacher = next(r for r in records if r["spec"]["role"] == "teacher")
+    assert "Teacher" in text and "Student" in text and "kd" in text
+    assert f"{teacher['metrics']['top1_last']:.2f}" in text
+    assert "±" in text
+
+
+def test_the_same_command_again_trains_nothing(grid_results, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in (grid_results / "runs").iterdir()}
+    capsys.readouterr()
+    assert main(["run", *GRID, "--results", str(grid_results), "--no-table"]) == 0
+    out = capsys.readouterr().out
+    assert "4 already stored, 0 to train" in out and "nothing to train" in out
+    assert before == {p.name: p.stat().st_mtime_ns for p in (grid_results / "runs").iterdir()}
+
+
+def test_list_shows_methods_with_papers(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "kd" in out and "Hinton" in out and "fashion_mnist/quick" in out

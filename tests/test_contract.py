@@ -1,0 +1,180 @@
+"""The method contract (kdbench/testing.py) on every registered method, and on broken ones.
+
+Parametrised over ``registry.names()``: built-ins and any installed third-party plugin. A method
+registered in pyproject.toml whose module does not exist yet (being written) is skipped with a
+reason; one whose module exists but fails to import is a failure.
+
+The second half feeds the checker deliberately broken methods: a contract test that passes
+everything would prove nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdbench import registry
+from kdbench.method import (
+    EMBEDDING,
+    STAGES,
+    Batch,
+    FeatureShapes,
+    Features,
+    Method,
+    MethodConfig,
+    PretrainStage,
+    Progress,
+)
+from kdbench.testing import check_method, check_method_class
+
+
+def module_exists(target: str) -> bool:
+    module = target.partition(":")[0]
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing too
+        return False
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_registered_method_meets_the_contract(name: str) -> None:
+    try:
+        registry.get(name)
+    except registry.BrokenPlugin as error:
+        targets = [r.target for r in registry.registrations()[name]]
+        if not any(module_exists(target) for target in targets):
+            pytest.skip(f"{name}: registered as {', '.join(targets)} but its module does not exist "
+                        f"yet ({error})")
+    check_method(name)  # a module that exists but fails to import fails here, with its error
+
+
+# --- the checker catches broken methods ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmptyConfig(MethodConfig):
+    pass
+
+
+class LogitL2(Method):
+    """A correct little method (logit matching); the broken ones below each change one thing."""
+
+    name = "logit_l2"
+    paper = "test double"
+    Config = EmptyConfig
+
+    def loss(self, s: Features, t: Features | None, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+        return {"l2": F.mse_loss(s.logits, t.logits)}
+
+
+def test_a_correct_method_passes() -> None:
+    check_method_class(LogitL2)
+
+
+def test_unknown_method_is_a_clear_failure() -> None:
+    with pytest.raises(AssertionError, match="does not load"):
+        check_method("no_such_method_anywhere")
+
+
+@dataclass(frozen=True)
+class PlainConfig:  # not a MethodConfig: no to_json / from_json for run specs and records
+    weight: float = 1.0
+
+
+class PlainDataclassConfig(LogitL2):
+    Config = PlainConfig
+
+
+@dataclass(frozen=True)
+class TupleOfTuplesConfig(MethodConfig):
+    layers: tuple[tuple[int, int], ...] = ((1, 2),)  # comes back from JSON as lists
+
+
+class NoRoundTrip(LogitL2):
+    Config = TupleOfTuplesConfig
+
+
+class DetachedLoss(LogitL2):
+    def loss(self, s, t, batch, progress):
+        return {"l2": F.mse_loss(s.logits.detach(), t.logits) + 0 * s.logits.sum()}
+
+
+class NonScalarLoss(LogitL2):
+    def loss(self, s, t, batch, progress):
+        return {"l2": (s.logits - t.logits).pow(2)}
+
+
+class UnusedProjection(Method):
+    """Builds a projection that its loss never uses: no gradient reaches it."""
+
+    name = "unused_projection"
+    paper = "test double"
+    Config = EmptyConfig
+    student_taps = frozenset({EMBEDDING})
+    teacher_taps = frozenset({EMBEDDING})
+
+    def build(self, student_shapes: FeatureShapes, teacher_shapes: FeatureShapes | None, num_train: int) -> None:
+        self.projection = nn.Linear(student_shapes.embedding[0], teacher_shapes.embedding[0])
+
+    def loss(self, s, t, batch, progress):
+        return {"l2": F.mse_loss(s.logits, t.logits)}
+
+
+class LeakyStage(Method):
+    """A pre-training stage "up to stage 0" whose loss uses the logits: it reaches parameters
+    beyond stage 0 that the stage does not train."""
+
+    name = "leaky_stage"
+    paper = "test double"
+    Config = EmptyConfig
+    student_taps = frozenset({STAGES})
+    teacher_taps = frozenset({STAGES})
+
+    def build(self, student_shapes, teacher_shapes, num_train):
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def pretrain_stages(self) -> list[PretrainStage]:
+        def loss(s, t, batch):
+            return {"leak": self.scale * (s.stages[0].mean() + s.logits.pow(2).mean())}
+
+        return [PretrainStage("leak", 1, loss, [self], student_up_to_stage=0)]
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return []
+
+    def loss(self, s, t, batch, progress):
+        return {"l2": F.mse_loss(s.logits, t.logits)}
+
+
+class FixedStageCount(Method):
+    """Pairs stages by position and so breaks when teacher and student have different counts."""
+
+    name = "fixed_stage_count"
+    paper = "test double"
+    Config = EmptyConfig
+    student_taps = frozenset({STAGES})
+    teacher_taps = frozenset({STAGES})
+
+    def loss(self, s, t, batch, progress):
+        if len(s.stages) != len(t.stages):
+            raise ValueError(f"{len(s.stages)} student stages vs {len(t.stages)} teacher stages")
+        return {"l2": sum(F.mse_loss(a.mean(1), b.mean(1)) for a, b in zip(s.stages, t.stages))}
+
+
+@pytest.mark.parametrize("broken, message", [
+    (PlainDataclassConfig, "not a subclass of kdbench.method.MethodConfig"),
+    (NoRoundTrip, "round-trip"),
+    (DetachedLoss, "do not reach the student"),
+    (NonScalarLoss, "must be a scalar"),
+    (UnusedProjection, "no gradient reaches method.projection"),
+    (LeakyStage, "parameters the stage does not train"),
+    (FixedStageCount, "teacher stages"),
+])
+def test_the_checker_catches(broken: type[Method], message: str) -> None:
+    with pytest.raises(AssertionError, match=message):
+        check_method_class(broken)

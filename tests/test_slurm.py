@@ -1,0 +1,366 @@
+"""The SLURM executor: presets (anywhere), and grids on a real SLURM cluster (marked ``slurm``).
+
+The cluster tests need the single-node test cluster (``bash slurm/start-cluster.sh``; .ci/run
+starts it) and are skipped, with the reason, when no SLURM controller answers. They run the
+``test`` preset (partition debug, no GPU, 1 CPU, 1 GB) on the seconds-sized synthetic/tiny
+setting; most reuse the session's trained teacher so that only the runs under test queue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kdbench import cli
+from kdbench.errors import UserError
+from kdbench.slurm_presets import SlurmPreset, load_preset, resolve_preset
+from kdbench.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+SETTING = "synthetic/tiny"
+
+
+# --- presets: no cluster needed ---------------------------------------------------------------
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_bundled_presets_parse():
+    default = load_preset("default")
+    assert default.gpus_per_task == 1 and default.time_min * 60 > default.signal_delay_s
+    test = load_preset("test")
+    assert (test.partition, test.gpus_per_task, test.cpus_per_task, test.mem_gb) == ("debug", 0, 1, 1.0)
+    assert test.array_parallelism >= 2
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("partition = \n", "not valid TOML"),
+    ("partitoin = 'gpu'\n", "unknown field partitoin"),
+    ("cpus_per_task = '4'\n", "cpus_per_task must be a whole number"),
+    ("gpus_per_task = true\n", "gpus_per_task must be a whole number"),
+    ("mem_gb = -1\n", "mem_gb must be at least"),
+    ("setup = ['module load cuda', 3]\n", "setup must be a list of strings"),
+    ("[sbatch]\nmail = { a = 1 }\n", "sbatch.mail must be"),
+    ("time_min = 1\nsignal_delay_s = 90\n", "signal_delay_s (90 s) must be shorter"),
+])
+def test_a_bad_preset_is_one_line_naming_the_file(tmp_path, text, problem):
+    path = write(tmp_path / "bad.toml", text)
+    with pytest.raises(UserError) as error:
+        resolve_preset(str(path))
+    message = str(error.value)
+    assert problem in message and str(path) in message and "\n" not in message
+
+
+def test_overrides_are_typed_by_the_field():
+    preset = resolve_preset("test", ["partition=gpu", "time_min=30", "mem_gb=2.5", "sbatch.mail-type=END",
+                                     'setup=["module load cuda"]', "account=proj", "account="])
+    assert preset == SlurmPreset(**{**preset.__dict__, "partition": "gpu", "time_min": 30, "mem_gb": 2.5,
+                                    "sbatch": {"mail-type": "END"}, "setup": ("module load cuda",),
+                                    "account": None})
+    for bad, problem in [("time_min=soon", "time_min must be"), ("nodes=2", "unknown field 'nodes'"),
+                         ("partition", "expected FIELD=VALUE")]:
+        with pytest.raises(UserError, match=problem):
+            resolve_preset("test", [bad])
+    with pytest.raises(UserError, match="no preset of that name.*known: .*default"):
+        resolve_preset("nosuchpreset")
+
+
+def test_cli_exits_2_on_a_bad_preset_and_submits_nothing(tmp_path, capsys):
+    bad = write(tmp_path / "bad.toml", "cpus_per_task = 'many'\n")
+    results = tmp_path / "results"
+    for preset_args, problem in [(["--slurm", str(bad)], f"{bad}: cpus_per_task must be"),
+                                 (["--slurm", "test", "--slurm-set", "time_min=0"], "time_min must be at least")]:
+        code = cli.main(["run", "--setting", SETTING, "--methods", "kd", "--seeds", "1",
+                         "--results", str(results), "--executor", "slurm", "--no-table", *preset_args])
+        assert code == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and error[0].startswith("kdbench: error:") and problem in error[0], error
+    assert not (results / "slurm").exists()
+
+
+# --- the real cluster -----------------------------------------------------------------------
+
+def why_no_cluster() -> str | None:
+    """None when a SLURM controller answers here; else the reason the cluster tests skip."""
+    if shutil.which("sinfo") is None or shutil.which("scontrol") is None:
+        return "no SLURM client tools (sinfo/scontrol): start the test cluster with `bash slurm/start-cluster.sh`"
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"`scontrol ping` failed ({error}): start the test cluster with `bash slurm/start-cluster.sh`"
+    if "UP" not in ping.stdout:
+        return (f"no SLURM controller is UP (`scontrol ping`: {ping.stdout.strip() or ping.stderr.strip()}): "
+                "start the test cluster with `bash slurm/start-cluster.sh`")
+    return None
+
+
+NO_CLUSTER = why_no_cluster()
+cluster = pytest.mark.skipif(NO_CLUSTER is not None, reason=NO_CLUSTER or "")
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def sacct(job_id: str, *fields: str, duplicates: bool = False) -> list[dict[str, str]]:
+    answer = subprocess.run(["sacct", "-X", "--parsable2", "-o", ",".join(("JobID",) + fields), "-j", job_id]
+                            + (["-D"] if duplicates else []), capture_output=True, text=True, check=True)
+    names, *lines = answer.stdout.strip().splitlines()
+    return [dict(zip(names.split("|"), line.split("|"))) for line in lines]
+
+
+def submissions(results: Path) -> dict[str, dict]:
+    """run id -> what the executor kept of its SLURM job (<results>/slurm/jobs/)."""
+    return {path.stem: json.loads(path.read_text()) for path in (results / "slurm" / "jobs").glob("*.json")}
+
+
+def kdbench(*args: str, env: dict[str, str] | None = None, timeout: float = 200) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdbench", *args], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def grid_args(results: Path, *extra: str) -> list[str]:
+    return ["--setting", SETTING, "--results", str(results), *extra]
+
+
+def comparable(record: dict) -> dict:
+    """What must not depend on where a run ran: metrics and history (minus timings)."""
+    history = [{key: value for key, value in entry.items() if key != "seconds"} for entry in record["history"]]
+    return {"id": record["id"], "status": record["status"], "metrics": record["metrics"], "history": history}
+
+
+@pytest.mark.slurm
+@cluster
+def test_grid_runs_as_teacher_job_then_one_dependent_array_with_the_local_numbers(
+        tmp_path, results_with_teacher, capsys):
+    results = tmp_path / "slurm-results"
+    code = cli.main(["run", *grid_args(results, "--methods", "kd", "--seeds", "2"),
+                     "--executor", "slurm", "--slurm", "test"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+
+    # One teacher job, then one array of the 2 methods × 2 seeds that waited for it.
+    jobs = submissions(results)
+    teacher = [job for job in jobs.values() if job["spec"]["role"] == "teacher"]
+    students = [job for job in jobs.values() if job["spec"]["role"] == "student"]
+    assert len(teacher) == 1 and "_" not in teacher[0]["job_id"] and len(students) == 4
+    array = {job["job_id"].split("_")[0] for job in students}
+    assert len(array) == 1
+    [array_id] = array
+    assert sorted(job["job_id"] for job in students) == [f"{array_id}_{task}" for task in range(4)]
+    assert {job["after"] for job in students} == {teacher[0]["job_id"]}
+    script = (results / "slurm" / "logs" / f"{array_id}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=afterok:{teacher[0]['job_id']}" in script
+    assert "#SBATCH --array=0-3%4" in script
+    tasks = sacct(array_id, "State", "Start")
+    [teacher_job] = sacct(teacher[0]["job_id"], "State", "End")
+    assert sorted(task["JobID"] for task in tasks) == [f"{array_id}_{task}" for task in range(4)]
+    assert {task["State"] for task in tasks} | {teacher_job["State"]} == {"COMPLETED"}
+    assert all(task["Start"] >= teacher_job["End"] for task in tasks)  # afterok: only after it
+
+    # All five records stored, identical to the same grid run in this process.
+    local = results_with_teacher
+    assert cli.main(["run", *grid_args(local, "--methods", "kd", "--seeds", "2"),
+                     "--executor", "inprocess", "--no-table"]) == 0
+    on_slurm = {record["id"]: record for record in Store(results).records()}
+    in_process = {record["id"]: record for record in Store(local).records()}
+    assert len(on_slurm) == 5 and on_slurm.keys() == in_process.keys()
+    for run_id, record in on_slurm.items():
+        assert comparable(record) == comparable(in_process[run_id])
+        assert record["provenance"]["slurm_job_id"] and record["provenance"]["threads"] == 1
+    capsys.readouterr()
+    tables = []
+    for directory in (results, local):
+        assert cli.main(["table", "--results", str(directory)]) == 0
+        tables.append(capsys.readouterr().out)
+    assert tables[0] == tables[1] and "kd" in tables[0]
+
+
+FLAKY_PLUGIN = '''\
+"""A throw-away kdbench method for tests: plain CE, except that seed 1 raises while the file
+named by $KDBENCH_TEST_FLAKY_FILE exists (the SLURM tasks inherit the environment)."""
+import os
+from pathlib import Path
+
+import torch
+
+from kdbench.method import Method
+
+
+class Flaky(Method):
+    name = "flaky"
+    paper = "none: a test plugin"
+
+    def build(self, student_shapes, teacher_shapes, num_train):
+        # seed_everything(spec.seed) seeded torch's default generator with the run's seed.
+        if torch.initial_seed() == 1 and Path(os.environ["KDBENCH_TEST_FLAKY_FILE"]).exists():
+            raise RuntimeError("flaky fails seed 1 on purpose")
+'''
+
+
+@pytest.fixture
+def flaky_plugin(tmp_path) -> dict[str, str]:
+    """The plugin, registered like any third-party method (a dist-info on PYTHONPATH)."""
+    root = tmp_path / "plugin"
+    info = root / "kdbench_flaky-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kdbench-flaky\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[kdbench.methods]\nflaky = kdbench_flaky:Flaky\n")
+    (root / "kdbench_flaky.py").write_text(FLAKY_PLUGIN)
+    switch = tmp_path / "fail-seed-1"
+    switch.touch()
+    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return {"PYTHONPATH": path, "KDBENCH_TEST_FLAKY_FILE": str(switch)}
+
+
+@pytest.mark.slurm
+@cluster
+def test_a_raising_task_is_recorded_failed_and_a_rerun_retries_only_it(results_with_teacher, flaky_plugin):
+    results = results_with_teacher
+    args = ["run", *grid_args(results, "--methods", "flaky", "--seeds", "2"), "--executor", "slurm",
+            "--slurm", "test", "--no-table"]
+    first = kdbench(*args, env=flaky_plugin)
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert "1 run failed" in first.stderr and "flaky fails seed 1 on purpose" in first.stderr
+
+    store = Store(results)
+    jobs = submissions(results)
+    assert len(jobs) == 4 and len({job["job_id"].split("_")[0] for job in jobs.values()}) == 1
+    states = {(job["spec"]["method"], job["spec"]["seed"]): store.read(run_id) for run_id, job in jobs.items()}
+    assert {key for key, record in states.items() if record["status"] == "done"} == {
+        ("vanilla", 0), ("vanilla", 1), ("flaky", 0)}
+    failed = states[("flaky", 1)]
+    assert failed["status"] == "failed" and failed["error"]["type"] == "RuntimeError"
+    assert "flaky fails seed 1 on purpose" in failed["error"]["message"]
+    slurm = failed["error"]["slurm"]  # added from submitit's FailedJobError
+    assert slurm["state"] == "FAILED" and Path(slurm["stderr"]).is_file()
+    assert "flaky fails seed 1 on purpose" in slurm["submitit_error"]
+
+    status = kdbench("status", *grid_args(results, "--methods", "flaky", "--seeds", "2"), env=flaky_plugin)
+    assert status.returncode == 0, status.stderr
+    assert "flaky fails seed 1 on purpose" in status.stdout and slurm["stderr"] in status.stdout
+
+    # The re-run submits exactly the failed run, and it succeeds now.
+    Path(flaky_plugin["KDBENCH_TEST_FLAKY_FILE"]).unlink()
+    done_before = {run_id: store.record_path(run_id).stat().st_mtime_ns
+                   for run_id, job in jobs.items() if states[(job["spec"]["method"], job["spec"]["seed"])]["status"] == "done"}
+    second = kdbench(*args, env=flaky_plugin)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "3 already stored, 1 to train" in second.stdout
+    rerun = submissions(results)
+    changed = [run_id for run_id in jobs if rerun[run_id]["job_id"] != jobs[run_id]["job_id"]]
+    assert [(rerun[run_id]["spec"]["method"], rerun[run_id]["spec"]["seed"]) for run_id in changed] == [("flaky", 1)]
+    assert "_" not in rerun[changed[0]]["job_id"]  # one run: a single job, not an array
+    assert store.read(changed[0])["status"] == "done"
+    assert all(store.record_path(run_id).stat().st_mtime_ns == mtime for run_id, mtime in done_before.items())
+
+
+@pytest.mark.slurm
+@cluster
+def test_a_preempted_task_is_requeued_and_resumes_from_its_checkpoint(results_with_teacher):
+    results = results_with_teacher
+    epochs = 8
+    run = subprocess.Popen(
+        [sys.executable, "-m", "kdbench", "run", *grid_args(results, "--methods", "vanilla", "--seeds", "2",
+                                                             "--epochs", str(epochs)),
+         "--executor", "slurm", "--slurm", "test", "--no-table"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        jobs = wait_for(lambda: len(submissions(results)) == 2 and submissions(results), 60, "the submission")
+        run_id, job = next((run_id, job) for run_id, job in jobs.items() if job["spec"]["seed"] == 0)
+        checkpoint = Store(results).checkpoint_path(run_id)
+        wait_for(checkpoint.exists, 90, "the first epoch checkpoint")
+        # What SLURM sends before a time limit (--signal=USR2@signal_delay_s) and on preemption:
+        # submitit calls SlurmTask.checkpoint and requeues the task.
+        subprocess.run(["scancel", "--signal=USR2", job["job_id"]], check=True)
+        output, _ = run.communicate(timeout=180)
+    finally:
+        run.kill()
+    assert run.returncode == 0, output
+
+    record = Store(results).read(run_id)
+    assert record["status"] == "done"
+    assert [(entry["stage"], entry["epoch"]) for entry in record["history"]] == [
+        ("main", epoch) for epoch in range(1, epochs + 1)]  # every epoch once
+    assert record["provenance"]["slurm_restart_count"] == 1
+    attempts = sacct(job["job_id"], "State", duplicates=True)
+    assert sorted(attempt["State"] for attempt in attempts) == ["COMPLETED", "REQUEUED"], attempts
+
+    # The log shows both attempts, and the second trained only the epochs after the checkpoint.
+    log = (results / "slurm" / "logs" / f"{job['job_id']}_0_log.out").read_text()
+    first, second = log.split("attempt 2")
+    assert "attempt 1" in first and "Calling checkpoint method" in first, log
+    trained = lambda text: [int(epoch) for epoch in re.findall(r"^kdbench: epoch (\d+)/", text, re.MULTILINE)]
+    before, after = trained(first), trained(second)
+    assert before and after and max(before) < after[0], log  # resumed, not restarted
+    assert after == list(range(after[0], epochs + 1)), log
+
+
+@pytest.mark.slurm
+@cluster
+def test_no_wait_then_status_then_table_and_a_cancelled_task_is_recorded_failed(results_with_teacher, capsys):
+    results = results_with_teacher
+    # One task at a time, so the second one is still queued when it is cancelled.
+    code = cli.main(["run", *grid_args(results, "--methods", "kd", "--seeds", "1"), "--executor", "slurm",
+                     "--slurm", "test", "--slurm-set", "array_parallelism=1", "--no-wait"])
+    out = capsys.readouterr().out
+    assert code == 0 and "2 runs submitted to SLURM" in out, out
+    jobs = submissions(results)
+    by_method = {job["spec"]["method"]: (run_id, job) for run_id, job in jobs.items()}
+    assert set(by_method) == {"vanilla", "kd"}
+
+    assert cli.main(["status", *grid_args(results, "--methods", "kd", "--seeds", "1")]) == 0
+    status = capsys.readouterr().out
+    header, teacher, vanilla, kd = status.splitlines()[:4]
+    counts = lambda line: dict(zip(header.split()[2:], map(int, line.split()[2:])))
+    assert counts(teacher)["done"] == 1
+    assert counts(vanilla)["running"] + counts(vanilla)["pending"] == 1 and counts(kd)["pending"] == 1, status
+    assert f"SLURM job {by_method['kd'][1]['job_id']}" in status
+
+    kd_id, kd_job = by_method["kd"]
+    subprocess.run(["scancel", kd_job["job_id"]], check=True)
+    store = Store(results)
+    wait_for(lambda: store.is_done(by_method["vanilla"][0]), 120, "the vanilla run")
+    wait_for(lambda: sacct(kd_job["job_id"], "State")[0]["State"].startswith("CANCELLED"), 30, "the cancel")
+
+    assert cli.main(["status", "--results", str(results)]) == 0  # the whole results directory
+    status = capsys.readouterr().out
+    record = store.read(kd_id)  # written by status: the job died without writing one
+    assert record["status"] == "failed" and record["error"]["type"] == "SlurmJobDied"
+    assert record["error"]["slurm"]["state"] == "CANCELLED" and "CANCELLED" in record["error"]["message"]
+    assert f"failed: {SETTING} kd seed 0 ({kd_id}): SlurmJobDied" in status
+    assert record["error"]["slurm"]["stderr"] in status
+
+    assert cli.main(["table", "--results", str(results)]) == 0
+    table = capsys.readouterr().out
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("|")]
+    assert "Student" in rows and "Teacher" in rows and "kd" not in rows, table
+
+
+@pytest.mark.slurm
+@cluster
+def test_a_preset_the_cluster_refuses_is_one_line_and_leaves_nothing_queued(tmp_path, capsys):
+    results = tmp_path / "results"
+    before = subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True).stdout.split()
+    code = cli.main(["run", *grid_args(results, "--methods", "kd", "--seeds", "1"), "--executor", "slurm",
+                     "--slurm", "test", "--slurm-set", "partition=nosuchpartition", "--no-table"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and "sbatch refused the job" in error[0], error
+    after = subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True).stdout.split()
+    assert set(after) <= set(before)
