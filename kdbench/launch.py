@@ -310,8 +310,33 @@ def slurm_states(job_ids: list[str]) -> dict[str, str] | None:
         return None
     # submitit's parser knows sacct's array notation (124_[2-3%4] for tasks not started yet).
     info = submitit.slurm.slurm.SlurmInfoWatcher().read_info(answer.stdout)
-    return {job_id: ((info.get(job_id, {}).get("State") or "UNKNOWN").split() or ["UNKNOWN"])[0]
-            for job_id in job_ids}
+    states = {job_id: ((info.get(job_id, {}).get("State") or "UNKNOWN").split() or ["UNKNOWN"])[0]
+              for job_id in job_ids}
+    unknown = [job_id for job_id in job_ids if states[job_id] == "UNKNOWN"]
+    if unknown:
+        # Not in accounting: just submitted (slurmdbd lags behind the controller), or an array
+        # task cancelled before it started, which SLURM drops without a trace (seen with 22.05).
+        # The controller knows the first kind at once.
+        queued = queue_states()
+        if queued is not None:
+            for job_id in unknown:
+                states[job_id] = queued.get(job_id, GONE)
+    return states
+
+
+GONE = "GONE"  # neither the queue nor accounting knows the job: it ended, no one knows how
+
+
+def queue_states() -> dict[str, str] | None:
+    """State per job id of this user's jobs the controller holds (array tasks one by one)."""
+    try:
+        answer = subprocess.run(["squeue", "--me", "-h", "-r", "--states=all", "-o", "%i|%T"],
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if answer.returncode != 0:
+        return None
+    return dict(line.split("|", 1) for line in answer.stdout.split() if "|" in line)
 
 
 def phase_of(state: str) -> str:
@@ -351,7 +376,7 @@ def store_slurm_failure(store: Store, submission: SlurmSubmission, state: str) -
             "the job completed but stored no record (was the results directory moved?)")
     else:
         tail = log_tail(logs["stderr"])
-        details = (f"SLURM job {submission.job_id} ended {state} without a result"
+        details = (f"SLURM job {submission.job_id} {ended(state)} without a result"
                    + (f"; end of its stderr:\n{tail}" if tail else ""))
     slurm = {"job_id": submission.job_id, "state": state, **logs, "submitit_error": details[-4000:]}
     try:
@@ -364,8 +389,8 @@ def store_slurm_failure(store: Store, submission: SlurmSubmission, state: str) -
         record = None  # the failure of an earlier attempt: this one's replaces it
     if record is None:
         spec = RunSpec.from_json(submission.spec)
-        died = SlurmJobDied(f"SLURM job {submission.job_id} ended {state} without storing a "
-                            f"result (time limit, scancel, out of memory or node failure); "
+        died = SlurmJobDied(f"SLURM job {submission.job_id} {ended(state)} without storing a "
+                            f"result (time limit, scancel, out of memory or node failure?); "
                             f"log: {logs['stderr']}")
         record = failed_record(spec, died, extra={"slurm": slurm})
         store.write(record)
@@ -376,6 +401,12 @@ def store_slurm_failure(store: Store, submission: SlurmSubmission, state: str) -
         store.write(record)
     error = record.get("error") or {}
     return f"{error.get('type', 'error')}: {error.get('message', '')} (SLURM job {submission.job_id}, {state}; log {logs['stderr']})"
+
+
+def ended(state: str) -> str:
+    if state == GONE:
+        return "is gone from SLURM's queue and accounting (cancelled before it started?)"
+    return f"ended {state}"
 
 
 def stale(record: dict[str, Any], submission: SlurmSubmission) -> bool:

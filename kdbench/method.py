@@ -94,6 +94,9 @@ class PretrainStage:
     # Whether the stage follows the setting's learning-rate schedule (scaled to its own epochs)
     # or keeps the initial rate constant.
     lr_schedule: str = "constant"
+    # The stage optimiser's weight decay; None: the setting's. MHGD's stage 1 sets 0 because its
+    # loss carries its own L2 term (the reference regularises the attention network only so).
+    weight_decay: float | None = None
 
 
 @dataclass(frozen=True)

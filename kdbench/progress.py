@@ -98,5 +98,6 @@ class ProgressDisplay:
 
     def close(self) -> None:
         self._clear()
-        self.stream.write(self._bar() + "\n")
+        if self.finished or self.active or self.pending is not None:  # else nothing to sum up
+            self.stream.write(self._bar() + "\n")
         self.stream.flush()

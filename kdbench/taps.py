@@ -55,5 +55,22 @@ class FeatureTaps:
         self._handles = []
 
 
+def as_float32(features: Features | None) -> Features | None:
+    """The same features in fp32, for the loss.
+
+    Under bf16 autocast the networks' outputs are bf16; losses, softmax with temperature,
+    distances, attention maps and a method's own modules (regressors, attention networks) are
+    computed from these fp32 copies outside autocast, so no method has to remember to upcast
+    and none runs a matmul of its loss in bf16. In fp32 ``.float()`` returns the tensor itself:
+    no copy, no change."""
+    if features is None:
+        return None
+    return Features(
+        logits=features.logits.float(),
+        stages=[stage.float() for stage in features.stages],
+        embedding=features.embedding.float() if features.embedding is not None else None,
+    )
+
+
 def forward_with_features(model: nn.Module, taps: FeatureTaps, images: Tensor) -> Features:
     return taps.pop(model(images))

@@ -25,7 +25,8 @@ teacher/student pair and the step when the method breaks a promise the engine re
    size (kdbench/settings.py), ``build``, every stage loss and ``loss`` run and back-propagate.
 
 Everything comes from the engine's own pieces (``build_model``, ``FeatureTaps``,
-``train.shapes_of``, ``train.parameters_feeding``), so a method that passes runs in ``train``.
+``train.shapes_of``, ``train.parameters_feeding``), so the checks take the code paths
+``train`` takes.
 """
 
 from __future__ import annotations
@@ -292,7 +293,8 @@ def require_gradients(modules: list[nn.Module], names: dict[int, str], what: str
 
 def require_unchanged(before: dict[str, Tensor], named: dict[str, nn.Parameter], trainable: set[int],
                       what: str) -> None:
-    moved = [key for key, p in named.items() if id(p) not in trainable and not torch.equal(before[key], p.detach())]
+    moved = [key for key, p in named.items()
+             if id(p) not in trainable and not torch.equal(before[key], p.detach())]
     if moved:
         raise ContractError(f"parameters outside {what} changed: {', '.join(moved[:4])}"
                             f"{' …' if len(moved) > 4 else ''}")
@@ -312,6 +314,11 @@ def check_stage(method: Method, stage: PretrainStage, student: nn.Module, studen
         raise ContractError(f"epochs must be a positive int, got {stage.epochs!r}")
     if stage.lr_schedule not in ("constant", "setting"):
         raise ContractError(f"lr_schedule must be 'constant' or 'setting', got {stage.lr_schedule!r}")
+    weight_decay = getattr(stage, "weight_decay", None)
+    if weight_decay is not None and not weight_decay >= 0:
+        raise ContractError(f"weight_decay must be None or >= 0, got {weight_decay!r}")
+    if stage.student_up_to_stage is not None and STAGES not in type(method).student_taps:
+        raise ContractError("student_up_to_stage needs the STAGES role in student_taps")
     method_modules = set(map(id, method.modules()))
     strangers = [module for module in stage.modules if id(module) not in method_modules]
     if strangers:
@@ -397,7 +404,8 @@ def check_main_step(method: Method, student: nn.Module, student_taps: FeatureTap
     for parameter in named.values():
         parameter.grad = None
     method.backward(terms, student_parameters, progress)
-    bad = [key for key, p in student.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    bad = [key for key, p in student.named_parameters()
+           if p.grad is not None and not torch.isfinite(p.grad).all()]
     if bad:
         raise ContractError(f"non-finite student gradients after backward(): {', '.join(bad[:4])}")
     if not any(p.grad is not None and p.grad.abs().sum() > 0 for p in student_parameters):

@@ -38,7 +38,7 @@ from kdbench.method import Batch, FeatureShapes, Features, Method, Progress, Pre
 from kdbench.models import build_model
 from kdbench.spec import TEACHER, RunSpec
 from kdbench.store import Store, write_atomically
-from kdbench.taps import FeatureTaps
+from kdbench.taps import FeatureTaps, as_float32
 
 MAIN_STAGE = "main"
 EVAL_BATCH = 1000
@@ -198,7 +198,9 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16"
+    # bf16 autocast covers the networks' forward passes only: the loss terms are computed
+    # outside it from fp32 copies of the features (taps.as_float32).
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     seed_everything(spec.seed)
     dataset = load_dataset(setting.dataset, options.data_dir, setting.train_subset)
@@ -274,7 +276,9 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
                                   if run_student else [])
             trainable = student_parameters + iter_parameters(pretrain.modules)
             lr_schedule = pretrain.lr_schedule
-        optimizer = build_optimizer(trainable, recipe)
+        stage_recipe = (recipe if is_main or pretrain.weight_decay is None
+                        else recipe.with_overrides({"weight_decay": pretrain.weight_decay}))
+        optimizer = build_optimizer(trainable, stage_recipe)
         scheduler = build_scheduler(optimizer, recipe, epochs, lr_schedule)
         first_epoch = 0
         if checkpoint is not None and stage_index == start_stage:
@@ -304,15 +308,18 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
                 batch = Batch(images, labels, index)
                 progress = Progress(epoch, epochs, step, steps, pretrain_total if is_main else 0)
                 with autocast:
-                    t = teacher_features(images)
+                    t = teacher_features(images)  # once per batch, shared by all of its taps
                     if is_main:
                         logits = student_forward(images)
                         s = student_taps.pop(logits)
-                        terms = {"ce": method.ce_weight * F.cross_entropy(logits.float(), labels)}
-                        terms.update(method.loss(s, t, batch, progress))
                     else:
                         s = student_taps.pop(student_forward(images)) if run_student else None
-                        terms = pretrain.loss(s, t, batch)
+                # Losses, softmax with temperature, distances and attention maps in fp32.
+                if is_main:
+                    terms = {"ce": method.ce_weight * F.cross_entropy(logits.float(), labels)}
+                    terms.update(method.loss(as_float32(s), as_float32(t), batch, progress))
+                else:
+                    terms = pretrain.loss(as_float32(s), as_float32(t), batch)
                 optimizer.zero_grad(set_to_none=True)
                 if is_main:
                     method.backward(terms, student_parameters, progress)
@@ -321,8 +328,9 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
                 optimizer.step()
                 # Device-side bookkeeping only: no .item() in the hot loop.
                 total = torch.stack([term.detach().float() for term in terms.values()]).sum()
+                # ``step`` as a Python scalar: a kernel argument, not a host-to-device copy.
                 first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(total),
-                                             torch.tensor(step, device=device), first_bad_step)
+                                             step, first_bad_step)
                 loss_sum += total * len(labels)
                 for name, term in terms.items():
                     term_sums[name] = term_sums.get(name, 0.0) + term.detach().float() * len(labels)

@@ -74,7 +74,7 @@ class ATConfig(MethodConfig):
     p: float = 2.0
     # β = 1000: the authors' README command (`cifar.py --beta 1e+3`) and RepDistiller's `-b 1000`.
     beta: float = 1000.0
-    # The authors' cifar.py adds `opt.beta * sum(at_losses)`, and RepDistiller `β · Σ` too: no /2.
+    # The authors' cifar.py adds `opt.beta * sum(loss_groups)`, RepDistiller `β · Σ` too: no /2.
     # The paper's eq. 2 writes β/2, and KD_methods_with_TF multiplies by beta/2 (β = 1e3): set
     # true for that convention (half the effective weight).
     beta_halved: bool = False

@@ -82,7 +82,8 @@ class FitNetConfig(MethodConfig):
     guided_stage: int = 1
     # Weight of the hint MSE: RepDistiller's FitNet command `-b 100`, mdistiller
     # FITNET.LOSS.FEAT_WEIGHT 100.0. Used in stage 1 too: with the engine's SGD its scale is a
-    # learning-rate factor, and 100·mean-MSE is the scale that lr (0.05) was tuned with.
+    # learning-rate factor, and 100·mean-MSE is the scale those benchmarks run with the same SGD
+    # and lr (the paper's ½·sum-of-squares, with its own optimiser, has no SGD lr to match).
     hint_weight: float = 100.0
     # Stage-1 epochs (two-stage only). The paper trains the hints "until convergence" with early
     # stopping; KD_methods_with_TF (train_w_distill.py, CIFAR-100) initialises FitNet for
@@ -90,7 +91,8 @@ class FitNetConfig(MethodConfig):
     # (torchdistill's ImageNet sample: 5 hint epochs, then 15). The engine scales this by the
     # setting's `pretrain_scale`.
     hint_epochs: int = 40
-    # The paper: the regressor "must have the same non-linearity" as the hint layer. "match"
+    # The paper (Sec. 2.2) asks the regressor's output to be comparable to the hint, with the
+    # same non-linearity as the teacher's hint layer. "match"
     # applies a ReLU exactly when the teacher's hint is post-ReLU (non-negative: ResNet, VGG
     # stage outputs) and none for a pre-activation hint (WRN stage outputs are residual sums);
     # "always": RepDistiller's ConvReg (BN + ReLU whatever the hint); "never": conv + BN only.

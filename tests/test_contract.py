@@ -118,7 +118,8 @@ class UnusedProjection(Method):
     student_taps = frozenset({EMBEDDING})
     teacher_taps = frozenset({EMBEDDING})
 
-    def build(self, student_shapes: FeatureShapes, teacher_shapes: FeatureShapes | None, num_train: int) -> None:
+    def build(self, student_shapes: FeatureShapes, teacher_shapes: FeatureShapes | None,
+              num_train: int) -> None:
         self.projection = nn.Linear(student_shapes.embedding[0], teacher_shapes.embedding[0])
 
     def loss(self, s, t, batch, progress):
@@ -178,3 +179,22 @@ class FixedStageCount(Method):
 def test_the_checker_catches(broken: type[Method], message: str) -> None:
     with pytest.raises(AssertionError, match=message):
         check_method_class(broken)
+
+
+# --- the built-ins' options meet the contract too (a Config subclass with other defaults) ------
+
+
+def with_defaults(method_class: type[Method], **defaults) -> type[Method]:
+    config = dataclass(frozen=True)(type("Variant", (method_class.Config,), {
+        "__annotations__": {key: type(value) for key, value in defaults.items()}, **defaults}))
+    return type(f"{method_class.__name__}Variant", (method_class,), {"Config": config})
+
+
+@pytest.mark.parametrize("name, defaults", [
+    ("fitnet", {"stages": 1}),  # RepDistiller/mdistiller's single stage, regressor trained with the student
+    ("fitnet", {"regressor_relu": "always"}),
+    ("at", {"beta_halved": True}),
+    ("rkd", {"normalize": True}),
+])
+def test_builtin_options_meet_the_contract(name: str, defaults: dict) -> None:
+    check_method_class(with_defaults(registry.get(name), **defaults), name)

@@ -139,14 +139,17 @@ def test_fitnet_two_stage_default_is_hints_then_kd() -> None:
     s, t = Features(torch.randn(2, 3)), Features(torch.randn(2, 3))
     terms = method.loss(s, t, no_batch(), PROGRESS)
     assert set(terms) == {"kd"}
-    assert terms["kd"].item() == pytest.approx(KDConfig.alpha * kd_loss(s.logits, t.logits, 4.0).item(), rel=1e-6)
+    expected = KDConfig.alpha * kd_loss(s.logits, t.logits, 4.0).item()
+    assert terms["kd"].item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_fitnet_stage_one_and_single_stage_use_the_weighted_hint_loss() -> None:
     for stages in (1, 2):
         method = built_fitnet(stages=stages, regressor_relu="never")
-        s = Features(torch.randn(2, 3), stages=[torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4), torch.randn(2, 16, 2, 2)])
-        t = Features(torch.randn(2, 3), stages=[torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4), torch.randn(2, 32, 2, 2)])
+        s = Features(torch.randn(2, 3), stages=[torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4),
+                                                torch.randn(2, 16, 2, 2)])
+        t = Features(torch.randn(2, 3), stages=[torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4),
+                                                torch.randn(2, 32, 2, 2)])
         expected = 100.0 * F.mse_loss(method.regressor(s.stages[1]), t.stages[1]).item()
         if stages == 1:
             assert method.pretrain_stages() == [] and method.ce_weight == 1.0
@@ -204,6 +207,10 @@ def test_at_loss_is_zero_for_equal_maps_and_invariant_to_scaling_a_feature_map()
     assert reference > 0
     scaled = [student[0] * 7.5, -0.01 * student[1]]  # any non-zero factor, per map
     assert at_loss(scaled, teacher).item() == pytest.approx(reference, rel=1e-5)
+    # ... and per sample: maps are normalised per example, not over the batch.
+    one_sample = student[0].clone()
+    one_sample[1] *= 5.0
+    assert at_loss([one_sample, student[1]], teacher).item() == pytest.approx(reference, rel=1e-5)
     assert at_loss(student, [teacher[0] * 3.0, teacher[1]]).item() == pytest.approx(reference, rel=1e-5)
 
 

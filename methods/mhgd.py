@@ -1,0 +1,397 @@
+"""MHGD: Lee & Song, "Graph-based Knowledge Distillation by Multi-head Attention Network",
+BMVC 2019 (arXiv 1907.02226). The first PyTorch port; specs/mhgd.md is its specification.
+
+The reference is the authors' TensorFlow code, sseung0703/KD_methods_with_TF:
+``nets/Relation.py`` (MHGD, Attention_head, Estimator, drop_head, kld_loss), ``nets/SVP.py``
+(SVD_eid, Align_rsv, gradient_svd), ``op_util.py`` (Optimizer_w_MHGD, sigmoid) and
+``train_w_distill.py`` (init_epoch, learning-rate schedule). "The reference" below means it.
+
+At every stage output ("sensing point") a feature map is compressed to one unit vector per
+sample, its first right singular vector (spec §2). For each consecutive pair of sensing points a
+multi-head attention network turns the batch's vectors into A graphs over the mini-batch (B×B:
+how each back-end sample attends to the front-end samples). Stage 1 trains the attention
+networks alone, on the teacher, to estimate the back-end vector from the front-end ones through
+the graphs; stage 2 freezes them and trains the student to reproduce the teacher's graphs (a
+KL divergence), each student parameter's transfer gradient clipped to its CE gradient's norm.
+
+Where the spec leaves a choice, this file makes it as follows (each is commented where made):
+
+- Pairing when stage counts differ (VGG has 4 sensing points, ResNet/WRN 3): the *last*
+  min(L_s, L_t) points of each network, so both chains end at the feature map the classifier
+  reads. Same counts: all points, as in the reference.
+- Decomposition: always the eigendecomposition of the smaller Gram matrix (XᵀX or XXᵀ), exact,
+  batched, in fp32 with autocast off. The reference also uses the plain SVD when H·W and C are
+  within a factor 3/2 of each other; the result is the same decomposition.
+- Its gradient is the exact SVD gradient (spec: "any exact method is fine"), with the
+  1/(λ_i − λ_j) terms tamed near ties and NaN/inf zeroed (see ``_inverse_gaps``). The
+  reference's hand-written ``gradient_svd`` is exactly *twice* the exact gradient (its ``msym``
+  is X + Xᵀ where the formula has ½(X + Xᵀ); checked numerically against torch.linalg.svd).
+  The per-parameter clip to ‖∇CE‖ absorbs the factor whenever it is active.
+- Widths that differ: Linear(C_s → C_t, no bias) + BatchNorm1d on each candidate vector (spec
+  §2), after giving the candidate a canonical sign (BatchNorm's shift is not odd, and an
+  eigenvector's sign is arbitrary), then L2-normalised so that the frozen attention network
+  sees unit vectors as in stage 1.
+- Stage-1 regularisation: the reference regularises the attention networks only through the
+  explicit 5e-4·Σ‖w‖² of its stage-1 loss (their layers have no regulariser of their own), so
+  the stage's optimiser runs without weight decay (``PretrainStage.weight_decay = 0``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdbench.method import (
+    STAGES,
+    Batch,
+    FeatureShapes,
+    Features,
+    Method,
+    MethodConfig,
+    PretrainStage,
+    Progress,
+    iter_parameters,
+)
+
+TRANSFER = "graph_kl"  # the name of the transfer term, the one the gradient rule clips
+# An eigenvalue gap below this fraction of the largest eigenvalue is treated as (nearly) a tie:
+# a fp32 Gram matrix resolves eigenvalues to about C·2⁻²⁴·λ_max, so smaller gaps are noise.
+DEGENERACY_TOLERANCE = 1e-6
+
+
+# --- compressing a feature map: top right singular vectors (spec §2) ---------------------------
+
+def _inverse_gaps(gaps: Tensor, largest: Tensor) -> Tensor:
+    """1/gap, tamed near zero as gap/(gap² + ε²), ε = DEGENERACY_TOLERANCE·λ_max.
+
+    The eigenvector gradient has 1/(λ_i − λ_j) terms that are infinite for equal eigenvalues
+    (zero or rank-deficient ReLU maps) and huge for nearly equal ones. The reference sets the
+    infinite ones to zero (SVP.py ``removenan(KT)``) and keeps the huge ones; this form also
+    gives 0 at an exact tie, differs from 1/gap by a factor 1/(1 + ε²/gap²) (≈ 1 for any gap
+    fp32 resolves), and is bounded by 1/(2ε) in between, so the gradient stays finite."""
+    epsilon = DEGENERACY_TOLERANCE * largest
+    return gaps / (gaps * gaps + epsilon * epsilon + torch.finfo(gaps.dtype).tiny)
+
+
+def _spectrum(flat: Tensor) -> tuple[Tensor, Tensor]:
+    """Right singular vectors V (B, C, r) and squared singular values λ (B, r), in descending
+    order, of each sample's X = flatᵀ (H·W × C), r = min(H·W, C).
+
+    From the eigendecomposition of the smaller Gram matrix, as the reference's SVD_eid does:
+    XᵀX (C × C) when H·W ≥ C; otherwise XXᵀ (H·W × H·W), whose eigenvectors u give v = Xᵀu/‖Xᵀu‖
+    (zero where ‖Xᵀu‖ = 0, the reference's ``removenan``), with λ = ‖Xᵀu‖² as its s_svd."""
+    channels, positions = flat.shape[-2:]
+    if positions >= channels:
+        eigenvalues, vectors = torch.linalg.eigh(flat @ flat.transpose(1, 2))
+        return vectors.flip(-1), eigenvalues.flip(-1).clamp_min(0.0)
+    _, left = torch.linalg.eigh(flat.transpose(1, 2) @ flat)
+    vectors = flat @ left.flip(-1)
+    norms = torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+    vectors = torch.where(norms > 0, vectors / norms.clamp_min(torch.finfo(flat.dtype).tiny), 0.0)
+    return vectors, norms.squeeze(1) ** 2
+
+
+class _TopRightSingularVectors(torch.autograd.Function):
+    """The first ``count`` right singular vectors of each sample, with the exact SVD gradient.
+
+    Backward, for X = U S Vᵀ (r components) and an incoming gradient V̄ on the first n columns:
+        X̄ = U S (F ∘ (VᵀV̄ − V̄ᵀV)) Vᵀ + U S⁻¹ V̄ᵀ (I − V Vᵀ),   F_ij = 1/(λ_j − λ_i), F_ii = 0
+    (the second term only exists when H·W < C). U S = X V, so with A = F ∘ (VᵀV̄ − V̄ᵀV), which is
+    symmetric and zero outside its first n rows and columns, the first term is X·(Z V_nᵀ + V_n Zᵀ)
+    with Z = V A[:, :n] − ½ V_n A[:n, :n]: everything costs O(H·W·C·n), no C × C product."""
+
+    @staticmethod
+    def forward(ctx: Any, flat: Tensor, count: int) -> Tensor:
+        vectors, eigenvalues = _spectrum(flat)
+        ctx.save_for_backward(flat, vectors, eigenvalues)
+        ctx.count = count
+        return vectors[..., :count]
+
+    @staticmethod
+    def backward(ctx: Any, grad_top: Tensor) -> tuple[Tensor, None]:
+        flat, vectors, eigenvalues = ctx.saved_tensors
+        n = ctx.count
+        top = vectors[..., :n]
+        largest = eigenvalues[:, :1, None]
+        projections = vectors.transpose(1, 2) @ grad_top  # VᵀV̄ (B, r, n), its first n columns
+        transposed = torch.zeros_like(projections)  # (V̄ᵀV)ᵀ restricted the same way
+        transposed[:, :n] = projections[:, :n].transpose(1, 2)
+        inverse_gaps = _inverse_gaps(eigenvalues[:, None, :n] - eigenvalues[:, :, None], largest)
+        a = inverse_gaps * (projections - transposed)  # A[:, :n]; the diagonal of F is 0
+        z = vectors @ a - 0.5 * top @ a[:, :n]
+        if vectors.shape[-1] < flat.shape[-2]:  # H·W < C: the null-space term U S⁻¹ V̄ᵀ(I − VVᵀ)
+            outside = grad_top - vectors @ projections
+            z = z + outside * _inverse_gaps(eigenvalues[:, None, :n], largest)  # V̄⊥·λ⁻¹
+        grad = top @ (z.transpose(1, 2) @ flat) + z @ (top.transpose(1, 2) @ flat)
+        return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), None  # SVP.py removenan
+
+
+def right_singular_vectors(feature_map: Tensor, count: int) -> Tensor:
+    """(B, C, H, W) → (B, C, n), n = min(count, H·W, C): the first n right singular vectors of
+    each sample's X = F reshaped to (H·W, C), unit length (zero for a zero singular value).
+
+    Computed in fp32 whatever the autocast precision (a Gram matrix in bf16 has no top
+    eigenvectors worth the name); differentiable when the map requires grad."""
+    with torch.autocast(feature_map.device.type, enabled=False):
+        flat = feature_map.float().flatten(2)
+        n = min(count, *flat.shape[1:])
+        if torch.is_grad_enabled() and flat.requires_grad:
+            return _TopRightSingularVectors.apply(flat, n)
+        return _spectrum(flat)[0][..., :n]
+
+
+def canonical_sign(vectors: Tensor) -> Tensor:
+    """Flip each vector of (B, C, n) so that its entries sum to ≥ 0: a singular vector's sign is
+    arbitrary, and a map that is not odd (BatchNorm's shift) must not see that arbitrariness."""
+    signs = torch.where(vectors.sum(dim=1, keepdim=True) < 0, -1.0, 1.0)
+    return vectors * signs
+
+
+def align_to_teacher(candidates: Tensor, teacher: Tensor) -> Tensor:
+    """Of the student's candidates (B, C, n), the one with the largest |cosine| with the teacher's
+    vector (B, C), times the sign of that cosine → (B, C). Candidates and the teacher's vector
+    are unit vectors, so the dot product is the cosine (SVP.py Align_rsv).
+
+    The reference builds a mask from ``|cos| == max |cos|`` and multiplies by ``sign(cos)``, so a
+    zero cosine (a zero teacher vector) gives a zero student vector; ``sign`` does the same here.
+    The selection carries no gradient; the selected vector does."""
+    cosines = torch.einsum("bcn,bc->bn", candidates, teacher)
+    best = cosines.abs().argmax(dim=1, keepdim=True)
+    signs = cosines.gather(1, best).sign().detach()
+    chosen = candidates.gather(2, best[:, None, :].expand(-1, candidates.shape[1], 1)).squeeze(2)
+    return chosen * signs
+
+
+# --- graphs and losses (spec §3, §4) ----------------------------------------------------------
+
+def drop_heads(attention: Tensor) -> Tensor:
+    """Keep head a for row i iff z[a, i] > mean over heads of z[:, i], z ~ N(0, 1): about half the
+    heads of each sample are dropped, the kept weights are not rescaled (Relation.py drop_head)."""
+    heads, rows = attention.shape[:2]
+    noise = torch.randn(heads, rows, 1, device=attention.device, dtype=attention.dtype)
+    return attention * (noise > noise.mean(dim=0, keepdim=True))
+
+
+def graph_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """KL(student ‖ teacher) between the row-softmaxes of tanh(graph logits), summed over heads,
+    rows and columns, not averaged (Relation.py kld_loss on tanh(G_S), tanh(G_T))."""
+    log_student = F.log_softmax(torch.tanh(student_logits), dim=-1)
+    log_teacher = F.log_softmax(torch.tanh(teacher_logits), dim=-1)
+    return (log_student.exp() * (log_student - log_teacher)).sum()
+
+
+def transfer_bound_factor(main_epoch: int) -> float:
+    """sigmoid(epoch − init_epoch) of op_util.py, with its rule that a value above 1 − 1e-8 is 1.
+    The reference's epoch counts from the start of stage 1, so epoch − init_epoch is the
+    main-stage epoch (0.5 in the first student epoch, ≈0.73 in the second, → 1)."""
+    factor = 1.0 / (1.0 + math.exp(-main_epoch))
+    return 1.0 if factor > 1.0 - 1e-8 else factor
+
+
+def clip_transfer_gradient(ce_grad: Tensor | None, transfer_grad: Tensor | None, factor: float) -> Tensor | None:
+    """∇CE + clip_by_norm(∇transfer, ‖∇CE‖·factor) for one parameter tensor (op_util.py
+    Optimizer_w_MHGD; the optimiser adds the weight decay). ``tf.clip_by_norm(t, c)`` is
+    t·min(1, c/‖t‖); a zero ∇transfer stays zero and a zero bound clips to zero."""
+    if transfer_grad is None:
+        return ce_grad
+    if ce_grad is None:
+        ce_grad = torch.zeros_like(transfer_grad)
+    bound = factor * torch.linalg.vector_norm(ce_grad)
+    norm = torch.linalg.vector_norm(transfer_grad)
+    scale = (bound / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp(max=1.0)
+    return ce_grad + transfer_grad * scale
+
+
+def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    # The reference's layers sit in ResNet_arg_scope: variance scaling, fan-out, factor 2 (a
+    # truncated normal whose std is widened by √1.3 to compensate the truncation, i.e. the
+    # variance of Kaiming-normal fan-out), and no bias unless a layer asks for a zero one.
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+    if bias:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _linear_bn(in_features: int, out_features: int) -> nn.Sequential:
+    # BatchNorm with scale and centre, decay 0.9, ε 1e-5 in the reference's arg scope: PyTorch's
+    # BatchNorm1d defaults (momentum 0.1 = 1 − decay).
+    return nn.Sequential(_linear(in_features, out_features, bias=False), nn.BatchNorm1d(out_features))
+
+
+class AttentionNetwork(nn.Module):
+    """One consecutive pair of sensing points, front (C_f) → back (C_b) (Relation.py
+    Attention_head + Estimator). Per-head width D = (C_f + C_b) // 2."""
+
+    def __init__(self, front_width: int, back_width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.width = (front_width + back_width) // 2
+        self.key = _linear_bn(back_width, heads * self.width)  # θ, on the back-end vectors
+        self.query = _linear_bn(front_width, heads * self.width)  # φ, on the front-end vectors
+        # The estimator: f1 = Linear + BN + ReLU on the front vectors, then the heads' aggregates
+        # concatenated and mapped to C_b by a Linear with a zero-initialised bias.
+        self.embed = nn.Sequential(_linear(front_width, self.width, bias=False),
+                                   nn.BatchNorm1d(self.width), nn.ReLU())
+        self.estimate_back = _linear(heads * self.width, back_width, bias=True)
+
+    def logits(self, back: Tensor, front: Tensor) -> Tensor:
+        """S (A, B, B), S_a = θ_a(V_back)·φ_a(V_front)ᵀ: row i is back sample i, column j front
+        sample j. No 1/√D scaling (the reference has none). Splitting the A·D units into heads
+        head-major rather than the reference's head-minor reshape is a permutation of units."""
+        batch = back.shape[0]
+        keys = self.key(back).view(batch, self.heads, self.width).transpose(0, 1)
+        queries = self.query(front).view(batch, self.heads, self.width).transpose(0, 1)
+        return keys @ queries.transpose(1, 2)
+
+    def estimator_loss(self, front: Tensor, back: Tensor) -> Tensor:
+        """mean over samples of 1 − ⟨V̂_back, V_back⟩, V̂_back estimated from the front vectors
+        through the graphs with random head dropping (spec §3 estimator)."""
+        batch = front.shape[0]
+        attention = drop_heads(torch.softmax(self.logits(back, front), dim=-1))
+        aggregated = attention @ self.embed(front)  # (A, B, D)
+        estimate = self.estimate_back(aggregated.transpose(0, 1).reshape(batch, -1))
+        estimate = F.normalize(estimate, dim=-1)
+        return (1.0 - (estimate * back).sum(dim=-1)).mean()
+
+
+# --- the method -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MHGDConfig(MethodConfig):
+    # Paper §4 ablation: 1/2/4/8/16 heads → best at 8; Relation.py num_head = 8.
+    heads: int = 8
+    # train_w_distill.py: init_epoch = 40 for MHGD (100 student epochs after it). The engine
+    # multiplies it by the setting's pretrain_scale.
+    pretrain_epochs: int = 40
+    # Relation.py: SVD_eid(sfm, 4) for the student, SVD_eid(tfm, 1) for the teacher.
+    svd_student_vectors: int = 4
+    # op_util.py Optimizer_w_MHGD: mha_loss += 5e-4·Σ v² over the attention networks' weights,
+    # biases and BN γ/β (a coefficient on Σ‖w‖², whose gradient is 2·5e-4·w).
+    attention_weight_decay: float = 5e-4
+
+
+class MHGD(Method):
+    name = "mhgd"
+    paper = ("Lee & Song. Graph-based Knowledge Distillation by Multi-head Attention Network. "
+             "BMVC 2019")
+    Config = MHGDConfig
+    student_taps = frozenset({STAGES})
+    teacher_taps = frozenset({STAGES})
+    config: MHGDConfig
+
+    def build(self, student_shapes: FeatureShapes, teacher_shapes: FeatureShapes | None,
+              num_train: int) -> None:
+        if teacher_shapes is None:
+            raise ValueError("MHGD needs a teacher")
+        # Pairing: the last min(L_s, L_t) sensing points of each network (module docstring).
+        count = min(len(student_shapes.stages), len(teacher_shapes.stages))
+        if count < 2:
+            raise ValueError("MHGD needs at least two stage outputs in each network")
+        self.student_points = list(range(len(student_shapes.stages)))[-count:]
+        self.teacher_points = list(range(len(teacher_shapes.stages)))[-count:]
+        student_widths = [student_shapes.stages[i][0] for i in self.student_points]
+        self.teacher_widths = [teacher_shapes.stages[i][0] for i in self.teacher_points]
+        # The attention networks live in the teacher's widths: they are trained on the
+        # teacher's vectors, and G_T uses the teacher's vectors with no projection.
+        self.attention = nn.ModuleList(
+            AttentionNetwork(front, back, self.config.heads)
+            for front, back in zip(self.teacher_widths[:-1], self.teacher_widths[1:]))
+        self.projections = nn.ModuleDict({
+            str(point): _linear_bn(student, teacher)
+            for point, (student, teacher) in enumerate(zip(student_widths, self.teacher_widths))
+            if student != teacher})
+
+    # ---- features → vectors --------------------------------------------------------------------
+
+    def teacher_vectors(self, t: Features) -> list[Tensor]:
+        """V_T per sensing point: the first right singular vector, (B, C_t), no gradient."""
+        with torch.no_grad():
+            return [right_singular_vectors(t.stages[i], 1)[..., 0] for i in self.teacher_points]
+
+    def student_vectors(self, s: Features, teacher: list[Tensor]) -> list[Tensor]:
+        """V_S per sensing point: the student's candidates (projected to the teacher's width
+        where the widths differ), aligned to the teacher's vector, (B, C_t)."""
+        vectors = []
+        for point, (index, target) in enumerate(zip(self.student_points, teacher)):
+            candidates = right_singular_vectors(s.stages[index], self.config.svd_student_vectors)
+            projection = self.projections[str(point)] if str(point) in self.projections else None
+            if projection is not None:
+                batch, width, count = candidates.shape
+                flat = canonical_sign(candidates).transpose(1, 2).reshape(batch * count, width)
+                projected = F.normalize(projection(flat), dim=-1)
+                candidates = projected.view(batch, count, -1).transpose(1, 2)
+            vectors.append(align_to_teacher(candidates, target))
+        return vectors
+
+    def graph_logits(self, vectors: list[Tensor]) -> Tensor:
+        """Every module's graph logits (M, A, B, B) for one network's vectors."""
+        return torch.stack([network.logits(back, front) for network, front, back
+                            in zip(self.attention, vectors[:-1], vectors[1:])])
+
+    # ---- stage 1: the attention networks on the teacher --------------------------------------
+
+    def pretrain_stages(self) -> list[PretrainStage]:
+        if self.config.pretrain_epochs == 0:
+            return []  # untrained attention networks: an ablation, not the method
+        # lr_schedule "constant": train_w_distill.py's learning_rate_scheduler decays only at
+        # init_epoch + 30/60/80 % of the student epochs, so stage 1 runs at the initial rate.
+        return [PretrainStage(name="attention", epochs=self.config.pretrain_epochs,
+                              loss=self.estimator_loss, modules=[self.attention],
+                              student_up_to_stage=None, lr_schedule="constant", weight_decay=0.0)]
+
+    def estimator_loss(self, s: Features | None, t: Features, batch: Batch) -> dict[str, Tensor]:
+        self.attention.requires_grad_(True)
+        with torch.autocast(t.logits.device.type, enabled=False):
+            vectors = self.teacher_vectors(t)
+            estimator = torch.stack([network.estimator_loss(front, back) for network, front, back
+                                     in zip(self.attention, vectors[:-1], vectors[1:])]).sum()
+            # Replaces the optimiser's weight decay for this stage (weight_decay=0 above).
+            l2 = self.config.attention_weight_decay * torch.stack(
+                [p.square().sum() for p in self.attention.parameters()]).sum()
+        return {"estimator": estimator, "attention_l2": l2}
+
+    # ---- stage 2: the student ------------------------------------------------------------------
+
+    def trainable_modules(self) -> list[nn.Module]:
+        # Only the projections: the attention networks are frozen (and in eval mode) in stage 2.
+        return [self.projections]
+
+    def loss(self, s: Features, t: Features | None, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+        # Frozen: no gradient for their parameters, but gradients flow through them to V_S.
+        self.attention.requires_grad_(False)
+        with torch.autocast(s.logits.device.type, enabled=False):
+            teacher = self.teacher_vectors(t)
+            with torch.no_grad():
+                teacher_logits = self.graph_logits(teacher)
+            student_logits = self.graph_logits(self.student_vectors(s, teacher))
+            return {TRANSFER: graph_kl(student_logits, teacher_logits)}
+
+    def backward(self, terms: Mapping[str, Tensor], student_parameters: list[nn.Parameter],
+                 progress: Progress) -> None:
+        """g = ∇CE + clip_by_norm(∇transfer, ‖∇CE‖·sigmoid(epoch)) per student parameter tensor
+        (op_util.py Optimizer_w_MHGD clips each variable's gradient separately); the projections
+        get their plain gradient; any other term is added unclipped. Two backward passes over
+        one graph: the clip needs ∇CE and ∇transfer of every tensor apart."""
+        student = [p for p in student_parameters if p.requires_grad]
+        extra = [p for p in iter_parameters(self.trainable_modules()) if p.requires_grad]
+        others = [term for name, term in terms.items() if name not in ("ce", TRANSFER)]
+        transfer_grads = torch.autograd.grad(terms[TRANSFER], student + extra, retain_graph=True,
+                                             allow_unused=True)
+        ce_grads = torch.autograd.grad(terms["ce"], student, retain_graph=bool(others),
+                                       allow_unused=True)
+        factor = transfer_bound_factor(progress.epoch)
+        for parameter, ce_grad, transfer_grad in zip(student, ce_grads, transfer_grads):
+            parameter.grad = clip_transfer_gradient(ce_grad, transfer_grad, factor)
+        for parameter, grad in zip(extra, transfer_grads[len(student):]):
+            parameter.grad = grad if grad is not None else torch.zeros_like(parameter)
+        if others:
+            for parameter, grad in zip(student + extra, torch.autograd.grad(
+                    torch.stack(others).sum(), student + extra, allow_unused=True)):
+                if grad is not None:
+                    parameter.grad = grad if parameter.grad is None else parameter.grad + grad

@@ -1,0 +1,274 @@
+"""MHGD (methods/mhgd.py): the decomposition, alignment, graphs, losses, gradient rule, stages."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdbench.method import Batch, FeatureShapes, Features, Progress
+from kdbench.models import build_model
+from kdbench.spec import RunSpec
+from kdbench.store import Store
+from kdbench.taps import FeatureTaps
+from kdbench.train import shapes_of, train
+from kdbench.worker import run_job
+from methods.mhgd import (
+    MHGD,
+    TRANSFER,
+    AttentionNetwork,
+    align_to_teacher,
+    clip_transfer_gradient,
+    graph_kl,
+    right_singular_vectors,
+    transfer_bound_factor,
+)
+
+WRN_SHAPES = FeatureShapes(stages=((16, 16, 16), (32, 8, 8), (64, 4, 4)), embedding=(64,), num_classes=10)
+
+
+def reference_vectors(maps: torch.Tensor, count: int) -> torch.Tensor:
+    """torch.linalg.svd in fp64 of each sample's (H·W, C) matrix: right singular vectors (B, C, n)."""
+    x = maps.double().flatten(2).transpose(1, 2)
+    return torch.linalg.svd(x, full_matrices=False).Vh.transpose(1, 2)[..., :count]
+
+
+def features(stages: list[torch.Tensor]) -> Features:
+    return Features(logits=torch.zeros(stages[0].shape[0], 10), stages=stages)
+
+
+def random_stages(shapes: FeatureShapes, batch: int, requires_grad: bool = False) -> list[torch.Tensor]:
+    return [torch.randn(batch, *shape).relu().requires_grad_(requires_grad) for shape in shapes.stages]
+
+
+def built(student: FeatureShapes = WRN_SHAPES, teacher: FeatureShapes = WRN_SHAPES) -> MHGD:
+    method = MHGD()
+    method.build(student, teacher, num_train=100)
+    return method
+
+
+# --- the decomposition ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(6, 16, 8, 8), (6, 48, 4, 4), (6, 16, 4, 4), (3, 8, 2, 2)],
+                         ids=["HW>C", "HW<C", "HW=C", "rank<4"])
+def test_vectors_equal_torch_svd_up_to_sign(shape):
+    torch.manual_seed(0)
+    maps = torch.randn(*shape).relu() + 0.1 * torch.randn(*shape)
+    ours = right_singular_vectors(maps, 4)
+    theirs = reference_vectors(maps, 4).float()
+    assert ours.shape == theirs.shape
+    signs = torch.sign((ours * theirs).sum(dim=1, keepdim=True))
+    torch.testing.assert_close(ours * signs, theirs, atol=1e-3, rtol=0)
+    torch.testing.assert_close(ours.norm(dim=1), torch.ones(ours.shape[0], ours.shape[2]))
+
+
+@pytest.mark.parametrize("shape", [(4, 12, 5, 5), (4, 40, 3, 3)], ids=["HW>C", "HW<C"])
+def test_gradient_equals_torch_svd_gradient(shape):
+    torch.manual_seed(1)
+    maps = torch.randn(*shape, dtype=torch.float64)
+    weights = torch.randn(shape[0], shape[1], 4, dtype=torch.float64)
+
+    def sign_invariant(vectors: torch.Tensor) -> torch.Tensor:
+        return ((vectors * weights).sum(dim=1) ** 2).sum()
+
+    ours_input = maps.clone().float().requires_grad_(True)
+    (ours,) = torch.autograd.grad(sign_invariant(right_singular_vectors(ours_input, 4).double()), ours_input)
+    theirs_input = maps.clone().requires_grad_(True)
+    (theirs,) = torch.autograd.grad(sign_invariant(reference_vectors(theirs_input, 4)), theirs_input)
+    assert (ours.double() - theirs).norm() / theirs.norm() < 1e-3
+
+
+def test_gradients_finite_for_zero_rank_deficient_and_degenerate_maps():
+    torch.manual_seed(2)
+    zero = torch.zeros(2, 8, 4, 4)
+    rank_one = torch.rand(2, 1, 4, 4).expand(2, 8, 4, 4).clone()  # identical channels
+    # Orthogonal columns of equal norm: all singular values equal (exactly degenerate); plus a
+    # copy with tiny perturbations (near-degenerate).
+    orthogonal = torch.linalg.qr(torch.randn(2, 16, 8)).Q.transpose(1, 2).reshape(2, 8, 4, 4)
+    near = orthogonal + 1e-6 * torch.randn_like(orthogonal)
+    wide_zero = torch.zeros(2, 32, 2, 2)  # H·W < C path
+    for maps in (zero, rank_one, orthogonal, near, wide_zero):
+        maps = maps.clone().requires_grad_(True)
+        vectors = right_singular_vectors(maps, 4)
+        (grad,) = torch.autograd.grad((vectors * torch.randn_like(vectors)).sum(), maps)
+        assert torch.isfinite(vectors).all() and torch.isfinite(grad).all()
+
+
+def test_loss_gradients_finite_for_all_zero_feature_maps():
+    method = built()
+    teacher = features(random_stages(WRN_SHAPES, 6))
+    for student_stages in ([torch.zeros(6, *shape, requires_grad=True) for shape in WRN_SHAPES.stages],
+                           [torch.zeros(6, *shape).index_fill(0, torch.tensor([0, 3]), 1.0).requires_grad_(True)
+                            for shape in WRN_SHAPES.stages]):
+        terms = method.loss(features(student_stages), teacher, None, Progress(0, 2, 0, 1, 1))
+        grads = torch.autograd.grad(terms[TRANSFER], student_stages)
+        assert torch.isfinite(terms[TRANSFER]) and all(torch.isfinite(g).all() for g in grads)
+    zero_teacher = features([torch.zeros(6, *shape) for shape in WRN_SHAPES.stages])
+    stage = method.pretrain_stages()[0]
+    total = sum(stage.loss(None, zero_teacher, None).values())
+    total.backward()
+    assert torch.isfinite(total) and all(torch.isfinite(p.grad).all() for p in method.attention.parameters())
+
+
+# --- alignment, graphs, KL ------------------------------------------------------------------------
+
+def test_alignment_picks_the_largest_abs_cosine_and_its_sign():
+    candidates = torch.eye(3).expand(2, 3, 3).clone()  # (B, C, n): candidate k is e_k
+    teacher = torch.tensor([[0.1, -0.9, 0.3], [0.6, 0.0, 0.8]])
+    teacher = F.normalize(teacher, dim=1)
+    aligned = align_to_teacher(candidates, teacher)
+    torch.testing.assert_close(aligned, torch.tensor([[0.0, -1.0, 0.0], [0.0, 0.0, 1.0]]))
+
+
+def test_graph_shapes_are_modules_heads_batch_batch():
+    method = built()
+    vectors = method.teacher_vectors(features(random_stages(WRN_SHAPES, 5)))
+    assert method.graph_logits(vectors).shape == (2, 8, 5, 5)
+
+
+def test_stage_counts_that_differ_pair_the_last_points_and_project_widths():
+    vgg = build_model("vgg8", 10)
+    wrn = build_model("wrn_16_1", 10)
+    shapes = {}
+    for name, model in (("vgg", vgg), ("wrn", wrn)):
+        taps = FeatureTaps(model, MHGD.student_taps)
+        with torch.no_grad():
+            shapes[name] = shapes_of(taps.pop(model.eval()(torch.randn(2, 3, 16, 16))))
+    method = built(student=shapes["wrn"], teacher=shapes["vgg"])
+    assert method.teacher_points == [1, 2, 3] and method.student_points == [0, 1, 2]
+    assert sorted(method.projections) == ["0", "1", "2"]  # 16/32/64 → 256/512/512
+    teacher = features(random_stages(shapes["vgg"], 4))
+    student = features(random_stages(shapes["wrn"], 4, requires_grad=True))
+    vectors = method.student_vectors(student, method.teacher_vectors(teacher))
+    assert [v.shape for v in vectors] == [(4, 256), (4, 512), (4, 512)]
+    assert method.graph_logits(vectors).shape == (2, 8, 4, 4)
+
+
+def test_kl_is_zero_when_student_and_teacher_vectors_coincide_and_positive_otherwise():
+    torch.manual_seed(3)
+    method = built().eval()  # stage 2: the attention networks' BatchNorm in eval mode
+    teacher_stages = random_stages(WRN_SHAPES, 6)
+    progress = Progress(0, 2, 0, 1, 1)
+    same = method.loss(features([s.clone().requires_grad_(True) for s in teacher_stages]),
+                       features(teacher_stages), None, progress)[TRANSFER]
+    other = method.loss(features(random_stages(WRN_SHAPES, 6, requires_grad=True)),
+                        features(teacher_stages), None, progress)[TRANSFER]
+    assert abs(same.item()) < 1e-5
+    assert other.item() > 1e-3
+    logits = torch.randn(2, 8, 6, 6)
+    assert graph_kl(logits, logits).abs() < 1e-6 and graph_kl(logits, torch.randn(2, 8, 6, 6)) > 0
+
+
+# --- stage 1: the estimator -----------------------------------------------------------------------
+
+def test_estimator_loss_drops_when_the_attention_network_trains_on_a_fixed_teacher():
+    torch.manual_seed(4)
+    method = built()
+    teacher = features(random_stages(WRN_SHAPES, 32))
+    (stage,) = method.pretrain_stages()
+    assert stage.modules == [method.attention] and stage.student_up_to_stage is None
+    assert stage.weight_decay == 0.0 and stage.lr_schedule == "constant"
+    optimizer = torch.optim.SGD(method.attention.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    method.attention.train()
+    losses = []
+    for _ in range(40):
+        terms = stage.loss(None, teacher, None)
+        optimizer.zero_grad()
+        sum(terms.values()).backward()
+        optimizer.step()
+        losses.append(terms["estimator"].item())
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+
+
+def test_attention_l2_is_the_reference_coefficient_on_the_squared_weights():
+    method = built()
+    terms = method.pretrain_stages()[0].loss(None, features(random_stages(WRN_SHAPES, 4)), None)
+    expected = 5e-4 * sum(p.detach().square().sum() for p in method.attention.parameters())
+    torch.testing.assert_close(terms["attention_l2"].detach(), expected)
+
+
+# --- stage 2: the gradient rule -------------------------------------------------------------------
+
+def test_clip_transfer_gradient_keeps_small_and_bounds_large():
+    ce = torch.tensor([3.0, 4.0])  # ‖∇CE‖ = 5
+    small = torch.tensor([0.3, 0.0])
+    torch.testing.assert_close(clip_transfer_gradient(ce, small, 0.5), ce + small)
+    large = torch.tensor([0.0, 100.0])
+    torch.testing.assert_close(clip_transfer_gradient(ce, large, 0.5), ce + torch.tensor([0.0, 2.5]))
+    torch.testing.assert_close(clip_transfer_gradient(torch.zeros(2), large, 1.0), torch.zeros(2))
+    assert clip_transfer_gradient(ce, None, 1.0) is ce
+    assert transfer_bound_factor(0) == 0.5 and transfer_bound_factor(1) == pytest.approx(1 / (1 + math.e ** -1))
+    assert transfer_bound_factor(30) == 1.0  # op_util.py: above 1 − 1e-8 it is 1
+
+
+@pytest.mark.parametrize("epoch", [0, 1, 5])
+def test_transfer_gradient_never_exceeds_the_ce_bound_per_parameter(epoch):
+    torch.manual_seed(5)
+    student, teacher = build_model("wrn_10_1", 10), build_model("wrn_10_2", 10).eval()
+    student_taps, teacher_taps = FeatureTaps(student, MHGD.student_taps), FeatureTaps(teacher, MHGD.teacher_taps)
+    images, labels = torch.randn(32, 3, 16, 16), torch.arange(32) % 10
+    with torch.no_grad():
+        t = teacher_taps.pop(teacher(images))
+        student_shapes = shapes_of(student_taps.pop(student.eval()(images[:2])))
+    method = built(student=student_shapes, teacher=shapes_of(t))
+    method.eval()
+    method.projections.train()
+    student.train()
+    logits = student(images)
+    s = student_taps.pop(logits)
+    progress = Progress(epoch, 10, 0, 1, 2)
+    terms = {"ce": F.cross_entropy(logits, labels), **method.loss(s, t, Batch(images, labels, labels), progress)}
+    parameters = list(student.parameters())
+    ce_grads = torch.autograd.grad(terms["ce"], parameters, retain_graph=True)
+    transfer_grads = torch.autograd.grad(terms[TRANSFER], parameters, retain_graph=True, allow_unused=True)
+    method.backward(terms, parameters, progress)
+    factor = transfer_bound_factor(epoch)
+    clipped = 0
+    for parameter, ce_grad, transfer_grad in zip(parameters, ce_grads, transfer_grads):
+        added = (parameter.grad - ce_grad).norm()
+        assert added <= factor * ce_grad.norm() * (1 + 1e-4) + 1e-12
+        if transfer_grad is not None and transfer_grad.norm() > factor * ce_grad.norm():
+            clipped += 1
+            torch.testing.assert_close(added, factor * ce_grad.norm(), rtol=1e-4, atol=1e-10)
+    assert clipped > 0  # the bound was exercised, not trivially met
+    assert all(p.grad is not None for p in method.projections.parameters())
+    assert all(p.grad is None for p in method.attention.parameters())
+
+
+# --- through the engine ---------------------------------------------------------------------------
+
+def test_attention_networks_do_not_change_in_the_main_stage(results_with_teacher):
+    """Real steps through kdbench.train.train: the attention networks (weights and BatchNorm
+    statistics) stay as stage 1 left them; the projections train with the student."""
+    store = Store(results_with_teacher)
+    spec = RunSpec("synthetic/tiny", "mhgd", 0, overrides={"epochs": 1})
+    states = {}
+
+    def on_progress(event):
+        if event["event"] == "step" and event["stage"] == "main" and "after_stage_1" not in states:
+            # The checkpoint written at the stage boundary holds the method after stage 1.
+            states["after_stage_1"] = torch.load(store.checkpoint_path(spec.id), weights_only=False)["method"]
+
+    record = train(spec, store, on_progress=on_progress)
+    after = torch.load(store.checkpoint_path(spec.id), weights_only=False)["method"]
+    before = states["after_stage_1"]
+    attention = [key for key in before if key.startswith("attention.")]
+    assert attention and all(torch.equal(before[key], after[key]) for key in attention)
+    assert any("running_mean" in key for key in attention)
+    assert any(not torch.equal(before[key], after[key]) for key in before if key.startswith("projections."))
+    stages = [entry["stage"] for entry in record["history"]]
+    assert stages == ["attention", "attention", "main"]  # 40 × pretrain_scale 0.05 = 2 epochs
+    assert record["history"][0]["terms"]["estimator"] > record["history"][1]["terms"]["estimator"]
+
+
+def test_end_to_end_after_the_teacher(results_with_teacher):
+    spec = RunSpec("synthetic/tiny", "mhgd", 0)
+    outcome = run_job(spec.to_json(), str(results_with_teacher))
+    assert outcome["status"] == "done", outcome
+    record = Store(results_with_teacher).read(spec.id)
+    assert record["status"] == "done"
+    assert all(math.isfinite(value) for value in record["metrics"].values())
+    main = [entry for entry in record["history"] if entry["stage"] == "main"]
+    assert len(main) == 2 and all(math.isfinite(entry["terms"][TRANSFER]) for entry in main)
