@@ -75,6 +75,10 @@ def build_parser() -> ArgumentParser:
                      help="where runs happen (default local)")
     run.add_argument("--jobs", type=positive_int, default=None,
                      help="local executor: runs at once (default: 2 on a CPU with ≥2 cores, 1 on a GPU)")
+    run.add_argument("--runs-per-gpu", type=positive_int, default=None, metavar="N",
+                     help="local executor on CUDA: runs in flight at once on the GPU (default 1), "
+                          "for students too small to fill it alone; each run is its own process "
+                          "with its own seed and data order, exactly as when run alone")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     run.add_argument("--precision", choices=["fp32", "bf16"],
                      help="default bf16 on CUDA, fp32 on the CPU")
@@ -193,6 +197,7 @@ def command_run(args: argparse.Namespace) -> int:
     from kdbench.store import Store
 
     grid, chosen = grid_from_args(args, creating=False)
+    check_runs_per_gpu(args)
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise UserError(f"--data-dir {args.data_dir} does not exist")
     for setting in chosen:
@@ -252,16 +257,35 @@ def command_run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def runs_on_gpu(args: argparse.Namespace) -> bool:
+    import torch
+
+    return (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+
+
+def check_runs_per_gpu(args: argparse.Namespace) -> None:
+    """--runs-per-gpu is the local executor's runs at once (--jobs) when the runs use a GPU."""
+    if args.runs_per_gpu is None:
+        return
+    if args.executor != "local":
+        raise UserError(f"--runs-per-gpu applies to the local executor, not --executor {args.executor}")
+    if args.jobs is not None:
+        raise UserError("--runs-per-gpu and --jobs both set how many runs go at once: give one")
+    if not runs_on_gpu(args):
+        raise UserError("--runs-per-gpu needs a CUDA device (these runs use the CPU); "
+                        "on the CPU, --jobs sets the runs at once")
+
+
 def launch_grid(args: argparse.Namespace, teachers, students, chosen) -> list:
     from kdbench.launch import make_executor
     from kdbench.progress import ProgressDisplay
     from kdbench.train import TrainOptions
 
-    import torch
-
-    on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    on_gpu = runs_on_gpu(args)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    jobs = args.jobs or (1 if on_gpu else min(2, cores))
+    # Several runs in flight share one GPU when one small run cannot fill it; each is its own
+    # process with its own RunSpec seed and data order, so sharing changes no run's batches.
+    jobs = args.runs_per_gpu or args.jobs or (1 if on_gpu else min(2, cores))
     options = TrainOptions(device=args.device, precision=args.precision, compile=args.compile,
                            data_dir=args.data_dir)
     if not on_gpu and args.executor != "slurm":

@@ -141,13 +141,17 @@ def balanced_subset(labels: Tensor, size: int, num_classes: int) -> Tensor:
     """Indices of ``size`` samples, as equal per class as possible, from a fixed permutation."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     per_class = -(-size // num_classes)
-    rank_in_class = torch.zeros(len(labels), dtype=torch.long)
-    counts = torch.zeros(num_classes, dtype=torch.long)
-    for position in order.tolist():  # once per load, on the CPU: not a hot path
-        label = int(labels[position])
-        rank_in_class[position] = counts[label]
-        counts[label] += 1
-    chosen = order[rank_in_class[order] < per_class][:size]
+    ordered = labels[order]
+    # Each sample's rank among its class in the permuted order, vectorised (a Python loop over
+    # 60k labels took a second of every run's start): a stable sort by class keeps the
+    # permuted order within each class, so a sample's rank is its place in the sorted list
+    # minus where its class starts there.
+    by_class = torch.sort(ordered, stable=True).indices
+    counts = torch.bincount(ordered, minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[by_class] = torch.arange(len(order)) - starts[ordered[by_class]]
+    chosen = order[rank < per_class][:size]
     return chosen.sort().values
 
 

@@ -197,6 +197,7 @@ POLL_S = 2.0  # one sacct call per poll for every job in flight
 # A task that SLURM reports ended but whose record and result file we cannot see yet may be on a
 # shared file system that shows new files late; submitit waits as long for its result file.
 RESULT_GRACE_S = 15.0
+SACCT_PATIENCE_S = 600.0  # how long `run` keeps waiting through sacct errors
 # sacct's words for jobs that wait (PREEMPTED: submitit requeues them, as it does REQUEUED) and
 # for jobs that run; any other state means the job has ended.
 QUEUED_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD",
@@ -220,9 +221,10 @@ class SlurmTask(submitit.helpers.Checkpointable):
         job_id = os.environ.get("SLURM_ARRAY_JOB_ID")
         job_id = (f"{job_id}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job_id
                   else os.environ.get("SLURM_JOB_ID", "?"))
-        # One line per attempt in the task's log, so a requeue is visible there.
-        print(f"kdbench: {spec.label()} ({spec.id}): SLURM job {job_id}, attempt {restarts + 1}",
-              flush=True)
+        # One line per attempt in the task's log, so a requeue is visible there, and which
+        # copy of the code runs (a --snapshot's or the checkout's).
+        print(f"kdbench: {spec.label()} ({spec.id}): SLURM job {job_id}, attempt {restarts + 1}, "
+              f"code from {Path(__file__).resolve().parent}", flush=True)
         outcome = run_job(spec_json, results, options, on_progress=log_epoch, raise_on_failure=True)
         if not outcome.get("skipped"):
             note_restarts(Store(Path(results)), spec.id, restarts)
@@ -479,8 +481,14 @@ class SlurmExecutor:
         # imported from the copy, even with an editable install.
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         target = slurm_dir(results) / "snapshots" / stamp
+        root = source_root()
         print(f"kdbench: code snapshot for these jobs: {target}", flush=True)
-        return submitit.helpers.RsyncSnapshot(snapshot_dir=target, root_dir=source_root())
+        # RsyncSnapshot copies the tracked files as they are in the working tree; add the new
+        # files git does not ignore, so the snapshot is the code as `git status` shows it.
+        untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=root,
+                                   capture_output=True, text=True, check=True).stdout.split("\n")
+        return submitit.helpers.RsyncSnapshot(snapshot_dir=target, root_dir=root,
+                                              include=[path for path in untracked if path])
 
     def _submit(self, specs: list[RunSpec], folder: Path, results: Path, options: dict[str, Any],
                 name: str, after: str | None) -> list[SlurmSubmission]:
@@ -582,11 +590,18 @@ class SlurmExecutor:
             if self.display:
                 self.display.finish(spec.label(), status, error or "")
 
+        silent_since: float | None = None
         while open_runs:
             states = slurm_states([s.job_id for s in open_runs.values()])
             if states is None:
-                raise UserError("sacct does not answer: cannot follow the SLURM jobs; they go on "
-                                "without us: `kdbench status` shows them later")
+                # slurmdbd restarts and the like: keep asking for a while.
+                silent_since = silent_since or time.monotonic()
+                if time.monotonic() - silent_since > SACCT_PATIENCE_S:
+                    raise UserError(f"sacct has not answered for {SACCT_PATIENCE_S / 60:.0f} min: stopped "
+                                    "following the SLURM jobs (they go on: `kdbench status` shows them)")
+                time.sleep(POLL_S)
+                continue
+            silent_since = None
             running: dict[str, str] = {}
             pending = 0
             for submission in list(open_runs.values()):

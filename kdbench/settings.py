@@ -34,6 +34,10 @@ class Recipe:
     lr_decay_at: tuple[float, ...] = (150 / 240, 180 / 240, 210 / 240)
     lr_decay: float = 0.1
     augmentation: Augmentation = Augmentation()
+    # Evaluate on the test split every this many epochs (and always after the last one).
+    # Best-epoch metrics need 1; a CPU-sized teacher that is only ever read at its last epoch
+    # saves its evaluation time with more.
+    eval_every: int = 1
 
     def milestones(self) -> list[int]:
         return sorted({max(1, round(fraction * self.epochs)) for fraction in self.lr_decay_at})
@@ -80,9 +84,11 @@ MHGD_AUTHORS = Recipe(epochs=100, batch_size=128, lr=0.1, nesterov=True,
 # 28-px, 10-class task converges long before 240 (a GPU setting).
 FASHION_FULL = Recipe(epochs=60, batch_size=128, lr=0.05)
 
-# CPU-sized: a 2-core machine runs teacher + 2 × 5 students in about 10 minutes.
-FASHION_QUICK_STUDENT = Recipe(epochs=4, batch_size=64, lr=0.05, lr_decay_at=(0.75,))
-FASHION_QUICK_TEACHER = Recipe(epochs=6, batch_size=64, lr=0.05, lr_decay_at=(0.67,))
+# CPU-sized: a 2-core machine runs teacher + 2 × 5 students in about 10 minutes. The teacher
+# trains longer than the students (8 vs 3 epochs) — at this budget that, more than its width,
+# is what makes it the stronger network — and is evaluated only at its last epoch.
+FASHION_QUICK_STUDENT = Recipe(epochs=3, batch_size=64, lr=0.05, lr_decay_at=(2 / 3,))
+FASHION_QUICK_TEACHER = Recipe(epochs=8, batch_size=64, lr=0.05, lr_decay_at=(0.75,), eval_every=8)
 
 # Seconds-sized, for tests: 16-px generated images, tiny networks.
 SYNTHETIC_STUDENT = Recipe(epochs=2, batch_size=64, lr=0.05, lr_decay_at=(0.5,),
@@ -121,10 +127,10 @@ SETTINGS: dict[str, Setting] = {
         Setting("fashion_mnist/resnet32x4-resnet8x4", "fashion_mnist", "resnet32x4", "resnet8x4",
                 FASHION_FULL, FASHION_FULL, "Fashion-MNIST, full data, 60 epochs (GPU)",
                 recipe_source="common recipe optimiser, 60 epochs"),
-        Setting("fashion_mnist/quick", "fashion_mnist", "wrn_16_2", "resnet8",
+        Setting("fashion_mnist/quick", "fashion_mnist", "wrn_16_1", "resnet8",
                 FASHION_QUICK_STUDENT, FASHION_QUICK_TEACHER,
-                "Fashion-MNIST, 6k-image training subset, 4 epochs: a CPU-sized check",
-                train_subset=6000, pretrain_scale=0.05,
+                "Fashion-MNIST, 10k-image training subset, 3 epochs: a CPU-sized check",
+                train_subset=10000, pretrain_scale=0.05,
                 recipe_source="common recipe optimiser, shortened for a CPU"),
         Setting("synthetic/tiny", "synthetic", "wrn_10_2", "wrn_10_1",
                 SYNTHETIC_STUDENT, SYNTHETIC_TEACHER,

@@ -69,6 +69,12 @@ def with_slurm(states: list[RunState], store: Store, results: Path) -> tuple[lis
             # SLURM's live state wins over a failed record of an earlier attempt.
             updated.append(RunState(state.spec, phase, where))
             continue
+        if submission.after and not store.is_done(state.spec.teacher_spec().id):
+            # Its teacher failed, so SLURM never started it (afterok): nothing of its own to
+            # record, as with the local executor; re-running retries teacher and students.
+            updated.append(RunState(state.spec, "missing", f"its teacher (SLURM job {submission.after}) "
+                                                          "did not succeed"))
+            continue
         store_slurm_failure(store, submission, slurm_state)
         updated.append(state_of(state.spec, store))
     return updated, None

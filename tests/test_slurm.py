@@ -125,6 +125,15 @@ def sacct(job_id: str, *fields: str, duplicates: bool = False) -> list[dict[str,
     return [dict(zip(names.split("|"), line.split("|"))) for line in lines]
 
 
+def settled(job_id: str, *fields: str, duplicates: bool = False) -> list[dict[str, str]]:
+    """sacct's rows once no task of the job is running any more: a task's record is stored
+    before its process exits, so the CLI can be back before SLURM marks the job COMPLETED."""
+    def ended():
+        rows = sacct(job_id, "State", *fields, duplicates=duplicates)
+        return rows if rows and not {"RUNNING", "COMPLETING"} & {row["State"] for row in rows} else None
+    return wait_for(ended, 30, f"SLURM job {job_id} to end")
+
+
 def submissions(results: Path) -> dict[str, dict]:
     """run id -> what the executor kept of its SLURM job (<results>/slurm/jobs/)."""
     return {path.stem: json.loads(path.read_text()) for path in (results / "slurm" / "jobs").glob("*.json")}
@@ -168,8 +177,8 @@ def test_grid_runs_as_teacher_job_then_one_dependent_array_with_the_local_number
     script = (results / "slurm" / "logs" / f"{array_id}_submission.sh").read_text()
     assert f"#SBATCH --dependency=afterok:{teacher[0]['job_id']}" in script
     assert "#SBATCH --array=0-3%4" in script
-    tasks = sacct(array_id, "State", "Start")
-    [teacher_job] = sacct(teacher[0]["job_id"], "State", "End")
+    tasks = settled(array_id, "Start")
+    [teacher_job] = settled(teacher[0]["job_id"], "End")
     assert sorted(task["JobID"] for task in tasks) == [f"{array_id}_{task}" for task in range(4)]
     assert {task["State"] for task in tasks} | {teacher_job["State"]} == {"COMPLETED"}
     assert all(task["Start"] >= teacher_job["End"] for task in tasks)  # afterok: only after it
@@ -233,8 +242,8 @@ def flaky_plugin(tmp_path) -> dict[str, str]:
 @cluster
 def test_a_raising_task_is_recorded_failed_and_a_rerun_retries_only_it(results_with_teacher, flaky_plugin):
     results = results_with_teacher
-    args = ["run", *grid_args(results, "--methods", "flaky", "--seeds", "2"), "--executor", "slurm",
-            "--slurm", "test", "--no-table"]
+    args = ["run", *grid_args(results, "--methods", "flaky", "--seeds", "2", "--epochs", "1"),
+            "--executor", "slurm", "--slurm", "test", "--no-table"]
     first = kdbench(*args, env=flaky_plugin)
     assert first.returncode == 1, first.stdout + first.stderr
     assert "1 run failed" in first.stderr and "flaky fails seed 1 on purpose" in first.stderr
@@ -252,7 +261,8 @@ def test_a_raising_task_is_recorded_failed_and_a_rerun_retries_only_it(results_w
     assert slurm["state"] == "FAILED" and Path(slurm["stderr"]).is_file()
     assert "flaky fails seed 1 on purpose" in slurm["submitit_error"]
 
-    status = kdbench("status", *grid_args(results, "--methods", "flaky", "--seeds", "2"), env=flaky_plugin)
+    status = kdbench("status", *grid_args(results, "--methods", "flaky", "--seeds", "2", "--epochs", "1"),
+                     env=flaky_plugin)
     assert status.returncode == 0, status.stderr
     assert "flaky fails seed 1 on purpose" in status.stdout and slurm["stderr"] in status.stdout
 
@@ -275,7 +285,7 @@ def test_a_raising_task_is_recorded_failed_and_a_rerun_retries_only_it(results_w
 @cluster
 def test_a_preempted_task_is_requeued_and_resumes_from_its_checkpoint(results_with_teacher):
     results = results_with_teacher
-    epochs = 8
+    epochs = 5
     run = subprocess.Popen(
         [sys.executable, "-m", "kdbench", "run", *grid_args(results, "--methods", "vanilla", "--seeds", "2",
                                                              "--epochs", str(epochs)),
@@ -299,8 +309,8 @@ def test_a_preempted_task_is_requeued_and_resumes_from_its_checkpoint(results_wi
     assert [(entry["stage"], entry["epoch"]) for entry in record["history"]] == [
         ("main", epoch) for epoch in range(1, epochs + 1)]  # every epoch once
     assert record["provenance"]["slurm_restart_count"] == 1
-    attempts = sacct(job["job_id"], "State", duplicates=True)
-    assert sorted(attempt["State"] for attempt in attempts) == ["COMPLETED", "REQUEUED"], attempts
+    attempts = [attempt["State"] for attempt in settled(job["job_id"], duplicates=True)]
+    assert sorted(attempts) == ["COMPLETED", "REQUEUED"], attempts  # two attempts in accounting
 
     # The log shows both attempts, and the second trained only the epochs after the checkpoint.
     log = (results / "slurm" / "logs" / f"{job['job_id']}_0_log.out").read_text()
@@ -318,9 +328,11 @@ def test_a_preempted_task_is_requeued_and_resumes_from_its_checkpoint(results_wi
 def test_no_wait_then_status_then_table_with_tasks_that_died_without_a_record(results_with_teacher, capsys):
     results = results_with_teacher
     grid = grid_args(results, "--methods", "kd", "--seeds", "2")
+    # With rsync, from a code snapshot (--snapshot is optional; CI's machine may lack rsync).
+    snapshot = ["--snapshot"] if shutil.which("rsync") else []
     # Two tasks at a time: the vanilla runs start, the kd runs wait in the queue.
     code = cli.main(["run", *grid, "--executor", "slurm", "--slurm", "test",
-                     "--slurm-set", "array_parallelism=2", "--no-wait"])
+                     "--slurm-set", "array_parallelism=2", "--no-wait", *snapshot])
     out = capsys.readouterr().out
     assert code == 0 and "4 runs submitted to SLURM" in out, out
     run = {(job["spec"]["method"], job["spec"]["seed"]): (run_id, job["job_id"])
@@ -341,8 +353,7 @@ def test_no_wait_then_status_then_table_with_tasks_that_died_without_a_record(re
     wait_for(lambda: (results / "running" / f"{run['kd', 0][0]}.json").exists(), 120, "kd seed 0 to start")
     subprocess.run(["scancel", "--signal=KILL", run["kd", 0][1]], check=True)
     wait_for(lambda: all(store.is_done(run["vanilla", seed][0]) for seed in (0, 1)), 120, "the vanilla runs")
-    wait_for(lambda: sacct(run["kd", 0][1], "State")[0]["State"] not in ("RUNNING", "COMPLETING"), 60,
-             "kd seed 0 to end")
+    settled(run["kd", 0][1])
 
     assert cli.main(["status", "--results", str(results)]) == 0  # the whole results directory
     status = capsys.readouterr().out
@@ -354,6 +365,12 @@ def test_no_wait_then_status_then_table_with_tasks_that_died_without_a_record(re
         assert record["error"]["slurm"]["state"] in states and said in record["error"]["message"]
         assert f"failed: {SETTING} kd seed {seed} ({run_id}): SlurmJobDied" in status
         assert record["error"]["slurm"]["stderr"] in status
+
+    if snapshot:  # the jobs ran the copy, which has the code as it was at submission
+        [copy] = (results / "slurm" / "snapshots").iterdir()
+        assert (copy / "kdbench" / "launch.py").read_text() == (REPO / "kdbench" / "launch.py").read_text()
+        log = (results / "slurm" / "logs" / f"{run['vanilla', 0][1]}_0_log.out").read_text()
+        assert f"code from {copy / 'kdbench'}" in log, log
 
     assert cli.main(["table", "--results", str(results)]) == 0
     table = capsys.readouterr().out

@@ -27,20 +27,29 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.benchmarks)
 
 
+WALL, CPU = "wall", "cpu"
+
+
 @dataclass
 class Comparison:
-    """Times of each side of an interleaved comparison, one entry per measured round."""
+    """Times of each side of an interleaved comparison, one entry per measured round, on two
+    clocks: wall time, and this process's CPU time. On a shared machine the CPU time is the
+    steadier measure of the work done — a neighbour's job that takes the core away stretches
+    wall time, not CPU time — as long as the work runs in this process (one torch thread)."""
 
-    seconds: dict[str, list[float]] = field(default_factory=dict)
+    seconds: dict[str, dict[str, list[float]]] = field(default_factory=lambda: {WALL: {}, CPU: {}})
     measured: bool = True  # False: --benchmark-disable ran one cold round
 
-    def median(self, name: str) -> float:
-        return statistics.median(self.seconds[name])
+    def rounds(self) -> int:
+        return min(len(times) for times in self.seconds[WALL].values())
 
-    def ratio(self, numerator: str, denominator: str) -> float:
+    def median(self, name: str, clock: str = WALL) -> float:
+        return statistics.median(self.seconds[clock][name])
+
+    def ratio(self, numerator: str, denominator: str, clock: str = WALL) -> float:
         """Median over rounds of numerator / denominator, each round's pair taken together."""
-        pairs = zip(self.seconds[numerator], self.seconds[denominator])
-        return statistics.median(a / b for a, b in pairs)
+        times = self.seconds[clock]
+        return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
 
 
 # Ratios reported by the tests of this session, printed together at the end of the run.
@@ -48,21 +57,25 @@ REPORTED: list[tuple[str, str]] = []
 
 
 def _interleave(benchmark: Any, candidate: tuple[str, Callable[[], object]],
-               baselines: dict[str, Callable[[], object]], rounds: int,
-               warmup_rounds: int = 1) -> Comparison:
+                baselines: dict[str, Callable[[], object]], rounds: int,
+                warmup_rounds: int = 1) -> Comparison:
     """Time ``candidate`` with pytest-benchmark and every baseline by hand, in alternation.
 
     pytest-benchmark's ``setup`` hook runs before each of its rounds, untimed by it: the
     baselines run there (timed here), so each round is baselines → candidate. pytest-benchmark's
-    own statistics are those of the candidate; the warm-up rounds are dropped from ours too.
+    own statistics are those of the candidate (wall time); the warm-up rounds are dropped from
+    ours too.
     """
     name, run_candidate = candidate
-    comparison = Comparison({key: [] for key in (*baselines, name)}, measured=benchmark.enabled)
+    keys = (*baselines, name)
+    comparison = Comparison({clock: {key: [] for key in keys} for clock in (WALL, CPU)},
+                            measured=benchmark.enabled)
 
     def timed(key: str, function: Callable[[], object]) -> object:
-        started = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         result = function()
-        comparison.seconds[key].append(time.perf_counter() - started)
+        comparison.seconds[CPU][key].append(time.process_time() - cpu)
+        comparison.seconds[WALL][key].append(time.perf_counter() - wall)
         return result
 
     def run_baselines() -> None:
@@ -72,7 +85,8 @@ def _interleave(benchmark: Any, candidate: tuple[str, Callable[[], object]],
     benchmark.pedantic(lambda: timed(name, run_candidate), setup=run_baselines,
                        rounds=rounds, warmup_rounds=warmup_rounds)
     if benchmark.enabled and warmup_rounds:
-        comparison.seconds = {key: times[warmup_rounds:] for key, times in comparison.seconds.items()}
+        comparison.seconds = {clock: {key: times[warmup_rounds:] for key, times in per_key.items()}
+                              for clock, per_key in comparison.seconds.items()}
     return comparison
 
 
