@@ -19,23 +19,26 @@ import multiprocessing
 import os
 import shutil
 import subprocess
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import submitit
 
 from kdbench.errors import UserError
 from kdbench.grid import running_marker
 from kdbench.progress import ProgressDisplay
-from kdbench.slurm_presets import SlurmPreset, resolve_preset
 from kdbench.spec import TEACHER, RunSpec
 from kdbench.store import CorruptRecord, Store, write_atomically
 from kdbench.train import TrainOptions
 from kdbench.worker import failed_record, run_job
+
+if TYPE_CHECKING:  # slurm_presets needs tomllib (Python 3.11): imported when SLURM is used
+    from kdbench.slurm_presets import SlurmPreset
 
 
 @dataclass
@@ -391,9 +394,8 @@ def store_slurm_failure(store: Store, submission: SlurmSubmission, state: str) -
         record = None  # the failure of an earlier attempt: this one's replaces it
     if record is None:
         spec = RunSpec.from_json(submission.spec)
-        died = SlurmJobDied(f"SLURM job {submission.job_id} {ended(state)} without storing a "
-                            f"result (time limit, scancel, out of memory or node failure?); "
-                            f"log: {logs['stderr']}")
+        died = SlurmJobDied(f"the SLURM job {ended(state)} without storing a result "
+                            "(time limit, scancel, out of memory or node failure?)")
         record = failed_record(spec, died, extra={"slurm": slurm})
         store.write(record)
         # The worker could not remove its marker; on another host it would read as running.
@@ -402,7 +404,9 @@ def store_slurm_failure(store: Store, submission: SlurmSubmission, state: str) -
         record.setdefault("error", {})["slurm"] = slurm
         store.write(record)
     error = record.get("error") or {}
-    return f"{error.get('type', 'error')}: {error.get('message', '')} (SLURM job {submission.job_id}, {state}; log {logs['stderr']})"
+    # The same line `kdbench status` shows (status.error_line).
+    return (f"{error.get('type', 'error')}: {error.get('message', '')} "
+            f"[SLURM job {submission.job_id} {state}; log {logs['stderr']}]")
 
 
 def ended(state: str) -> str:
@@ -485,10 +489,12 @@ class SlurmExecutor:
         print(f"kdbench: code snapshot for these jobs: {target}", flush=True)
         # RsyncSnapshot copies the tracked files as they are in the working tree; add the new
         # files git does not ignore, so the snapshot is the code as `git status` shows it.
-        untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=root,
-                                   capture_output=True, text=True, check=True).stdout.split("\n")
-        return submitit.helpers.RsyncSnapshot(snapshot_dir=target, root_dir=root,
-                                              include=[path for path in untracked if path])
+        listing = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=root,
+                                 capture_output=True, text=True)
+        if listing.returncode != 0:
+            raise UserError(f"--snapshot: git cannot list the files of {root}: {listing.stderr.strip()}")
+        untracked = [path for path in listing.stdout.split("\n") if path]
+        return submitit.helpers.RsyncSnapshot(snapshot_dir=target, root_dir=root, include=untracked)
 
     def _submit(self, specs: list[RunSpec], folder: Path, results: Path, options: dict[str, Any],
                 name: str, after: str | None) -> list[SlurmSubmission]:
@@ -519,7 +525,8 @@ class SlurmExecutor:
         states = slurm_states([submission.job_id for submission in candidates]) or {}
         in_flight = {}
         for submission in candidates:
-            # UNKNOWN: sacct has no such job (another cluster, a wiped test cluster): resubmit.
+            # GONE (or UNKNOWN when squeue cannot be asked either): SLURM has no such job (it
+            # was cancelled while queued, or came from another cluster): submit it again.
             state = states.get(submission.job_id, "UNKNOWN")
             if state != "UNKNOWN" and phase_of(state) != "ended":
                 in_flight[submission.run_id] = submission
@@ -549,6 +556,11 @@ class SlurmExecutor:
                         groups.setdefault(teacher_jobs.get(spec.teacher_spec().id), []).append(spec)
                 for after, group in groups.items():
                     submitted += self._submit(group, folder, results, job_options, "kdbench", after)
+        except subprocess.CalledProcessError as error:  # git clone / rsync of --snapshot
+            cancel([submission.job_id for submission in submitted])
+            command = error.cmd if isinstance(error.cmd, str) else " ".join(map(str, error.cmd))
+            raise UserError(f"--snapshot failed: `{command}` exited with {error.returncode} "
+                            "(its own message is above)") from None
         except BaseException:
             # All or nothing: do not leave half a grid queued behind an error.
             cancel([submission.job_id for submission in submitted])
@@ -557,7 +569,12 @@ class SlurmExecutor:
         by_id = {submission.run_id: submission for submission in submitted + followed}
         if not self.wait:
             return [Result(spec, "submitted") for spec in teachers + students]
-        outcomes = self._follow(list(by_id.values()), Store(results))
+        try:
+            outcomes = self._follow(list(by_id.values()), Store(results))
+        except KeyboardInterrupt:
+            print("\nkdbench: stopped waiting; the SLURM jobs go on. `kdbench status` shows them, and "
+                  "the same command waits for them again (it submits nothing twice)", file=sys.stderr)
+            raise
         return [outcomes[spec.id] for spec in teachers + students]
 
     def _report_submission(self, submitted: list[SlurmSubmission], followed: list[SlurmSubmission],
@@ -663,6 +680,8 @@ def make_executor(name: str, jobs: int = 1, display: ProgressDisplay | None = No
     if name == "local":
         return LocalExecutor(jobs, display)
     if name == "slurm":
+        from kdbench.slurm_presets import resolve_preset
+
         # Everything a user can get wrong is checked here, before anything is submitted.
         slurm_preset = resolve_preset(preset, preset_overrides)
         if shutil.which("sbatch") is None or shutil.which("srun") is None:

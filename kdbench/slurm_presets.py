@@ -12,12 +12,19 @@ submitit's parameters), so the checks run on a laptop without SLURM.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from kdbench.errors import UserError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: tomli is the same parser, where it is installed
+    try:
+        import tomli as tomllib  # type: ignore[no-redef]
+    except ModuleNotFoundError:
+        tomllib = None  # type: ignore[assignment]
 
 # slurm/ in the source tree (an editable install or a clone); a plain pip install has none,
 # then presets come from ./slurm/ or a path.
@@ -28,18 +35,20 @@ BUNDLED_PRESETS = Path(__file__).resolve().parent.parent / "slurm"
 class SlurmPreset:
     """What every job of a grid asks for. Field meanings: slurm/README.md."""
 
+    # The defaults are slurm/default.toml's values (a test keeps the two equal); the reasons
+    # for them are given there.
     partition: str | None = None  # None: the cluster's default partition
-    gpus_per_task: int = 1  # every task is one run: one GPU is what a CIFAR run can use
-    cpus_per_task: int = 8  # also the run's CPU threads (TrainOptions.threads)
-    mem_gb: float = 32.0
-    time_min: int = 720  # per job attempt; a requeued job gets the full limit again
-    array_parallelism: int = 32  # tasks of one array running at once (sbatch --array=...%N)
+    gpus_per_task: int = 1
+    cpus_per_task: int = 4  # also the run's CPU threads (TrainOptions.threads)
+    mem_gb: float = 16.0
+    time_min: int = 360  # per job attempt; a requeued job gets the full limit again
+    array_parallelism: int = 16  # tasks of one array running at once (sbatch --array=...%N)
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
     # Seconds before the time limit at which SLURM sends USR2, the signal that makes submitit
-    # requeue a checkpointable job; submitit's default (90 s) must stay below time_min.
-    signal_delay_s: int = 90
+    # requeue a checkpointable job; it must come before the limit.
+    signal_delay_s: int = 120
     max_requeues: int = 3  # time-outs a job may be requeued after (submitit max_num_timeout)
     setup: tuple[str, ...] = ()  # shell lines run before the job (module load, conda activate)
     python: str | None = None  # command that runs Python on the nodes; None: this interpreter
@@ -70,7 +79,6 @@ FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "python": ((str,), "a string"),
     "sbatch": ((dict,), "a table of sbatch options"),
 }
-OPTIONAL_STRINGS = {"partition", "account", "qos", "constraint", "python"}
 MINIMUM = {"gpus_per_task": 0, "cpus_per_task": 1, "mem_gb": 0.001, "time_min": 1,
            "array_parallelism": 1, "signal_delay_s": 0, "max_requeues": 0}
 
@@ -89,8 +97,9 @@ def _check_value(name: str, value: Any, where: str) -> Any:
         return tuple(value)
     if name == "sbatch":
         for key, option in value.items():
-            if isinstance(option, dict) or isinstance(option, list) or isinstance(option, float):
-                raise UserError(f"{where}: sbatch.{key} must be a string, whole number or "
+            # true is a bare flag (--exclusive); submitit would write false as "--key=False".
+            if option is not True and (isinstance(option, bool) or not isinstance(option, (str, int))):
+                raise UserError(f"{where}: sbatch.{key} must be a string, a whole number or "
                                 f"true, got {option!r}")
         return dict(value)
     if name == "mem_gb":
@@ -126,6 +135,8 @@ def find_preset(name_or_path: str) -> Path:
 
 
 def load_preset(name_or_path: str) -> SlurmPreset:
+    if tomllib is None:
+        raise UserError("SLURM presets are TOML: they need Python >= 3.11 (tomllib) or `pip install tomli`")
     path = find_preset(name_or_path)
     try:
         data = tomllib.loads(path.read_text())
@@ -151,19 +162,18 @@ def parse_override(preset: SlurmPreset, assignment: str) -> SlurmPreset:
         option = name.removeprefix("sbatch.")
         if not option:
             raise UserError(f"{where}: expected sbatch.OPTION=VALUE, e.g. sbatch.mail-type=END")
-        return replace(preset, sbatch={**preset.sbatch, option: raw})
+        flag: str | bool = True if raw.lower() == "true" else raw  # sbatch.exclusive=true: --exclusive
+        return replace(preset, sbatch={**preset.sbatch, option: flag})
     if name not in FIELD_TYPES:
         raise UserError(f"{where}: unknown field {name!r} (fields: {', '.join(FIELD_TYPES)})")
     types, expected = FIELD_TYPES[name]
-    if types == (str,):
-        value: Any = raw if raw != "" or name not in OPTIONAL_STRINGS else None
-        return replace(preset, **{name: value})
+    if types == (str,):  # every string field is optional: empty unsets it
+        return replace(preset, **{name: raw or None})
     try:
         value = tomllib.loads(f"value = {raw}")["value"]
     except tomllib.TOMLDecodeError:
         raise UserError(f"{where}: {name} must be {expected}, got {raw!r}") from None
     return replace(preset, **{name: _check_value(name, value, where)})
-
 
 
 def resolve_preset(name_or_path: str, overrides: list[str] | None = None) -> SlurmPreset:
@@ -172,7 +182,7 @@ def resolve_preset(name_or_path: str, overrides: list[str] | None = None) -> Slu
     for assignment in overrides or []:
         preset = parse_override(preset, assignment)
     if preset.signal_delay_s >= preset.time_min * 60:
-        # The warning would come before the job starts: it could never run to its limit.
+        # SLURM would send the time-limit warning (USR2) at once, or never: no requeue.
         raise UserError(f"{preset.source}: signal_delay_s ({preset.signal_delay_s} s) must be shorter "
                         f"than time_min ({preset.time_min} min)")
     return preset

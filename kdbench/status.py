@@ -45,6 +45,8 @@ def error_line(state: RunState) -> str:
 def with_slurm(states: list[RunState], store: Store, results: Path) -> tuple[list[RunState], str | None]:
     """Runs not done in the store, updated from SLURM. Returns the states and a note when
     SLURM could not be asked."""
+    if not (results / "slurm" / "jobs").is_dir():
+        return states, None  # nothing was sent to SLURM from here
     from kdbench.launch import phase_of, read_submissions, slurm_states, store_slurm_failure
 
     submissions = read_submissions(results)

@@ -34,6 +34,13 @@ Where the spec leaves a choice, this file makes it as follows (each is commented
 - Stage-1 regularisation: the reference regularises the attention networks only through the
   explicit 5e-4·Σ‖w‖² of its stage-1 loss (their layers have no regulariser of their own), so
   the stage's optimiser runs without weight decay (``PretrainStage.weight_decay = 0``).
+- Stage-1 learning rate: the setting's optimiser at its initial rate, constant (the
+  reference's schedule decays only after stage 1); its epochs are the method's own (40 ×
+  the setting's pretrain_scale), in both the authors' recipe and the common recipe (spec §4).
+
+Cost: the per-tensor clip needs ∇CE and ∇transfer of every student tensor apart, hence two
+backward passes through the student (the reference computes the two gradients separately too);
+the decompositions are eigh-bound. tests/benchmarks/test_mhgd_speed.py measures both.
 """
 
 from __future__ import annotations
@@ -59,8 +66,9 @@ from kdbench.method import (
 )
 
 TRANSFER = "graph_kl"  # the name of the transfer term, the one the gradient rule clips
-# An eigenvalue gap below this fraction of the largest eigenvalue is treated as (nearly) a tie:
-# a fp32 Gram matrix resolves eigenvalues to about C·2⁻²⁴·λ_max, so smaller gaps are noise.
+# Eigenvalue gaps below about this fraction of the largest eigenvalue are treated as ties in the
+# gradient (``_inverse_gaps``): it is the order of what a fp32 Gram matrix resolves (rounding
+# 2⁻²⁴ ≈ 6e-8 of λ_max, amplified with the matrix size), so smaller gaps are mostly noise.
 DEGENERACY_TOLERANCE = 1e-6
 
 
@@ -90,10 +98,10 @@ def _spectrum(flat: Tensor) -> tuple[Tensor, Tensor]:
         eigenvalues, vectors = torch.linalg.eigh(flat @ flat.transpose(1, 2))
         return vectors.flip(-1), eigenvalues.flip(-1).clamp_min(0.0)
     _, left = torch.linalg.eigh(flat.transpose(1, 2) @ flat)
-    vectors = flat @ left.flip(-1)
-    norms = torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
-    vectors = torch.where(norms > 0, vectors / norms.clamp_min(torch.finfo(flat.dtype).tiny), 0.0)
-    return vectors, norms.squeeze(1) ** 2
+    rows = left.flip(-1).transpose(1, 2) @ flat.transpose(1, 2)  # (Xᵀu)ᵀ as rows: (B, r, C)
+    norms = torch.linalg.vector_norm(rows, dim=-1, keepdim=True)
+    rows = torch.where(norms > 0, rows / norms.clamp_min(torch.finfo(flat.dtype).tiny), 0.0)
+    return rows.transpose(1, 2), norms.squeeze(-1) ** 2
 
 
 class _TopRightSingularVectors(torch.autograd.Function):
@@ -103,7 +111,9 @@ class _TopRightSingularVectors(torch.autograd.Function):
         X̄ = U S (F ∘ (VᵀV̄ − V̄ᵀV)) Vᵀ + U S⁻¹ V̄ᵀ (I − V Vᵀ),   F_ij = 1/(λ_j − λ_i), F_ii = 0
     (the second term only exists when H·W < C). U S = X V, so with A = F ∘ (VᵀV̄ − V̄ᵀV), which is
     symmetric and zero outside its first n rows and columns, the first term is X·(Z V_nᵀ + V_n Zᵀ)
-    with Z = V A[:, :n] − ½ V_n A[:n, :n]: everything costs O(H·W·C·n), no C × C product."""
+    with Z = V A[:, :n] − ½ V_n A[:n, :n]; the second is X·V_n Λ_n⁻¹ Rᵀ, R = (I − VVᵀ)V̄_n, folded
+    into Z as Z + R Λ_n⁻¹ (the V_n Rᵀ Xᵀ this adds to the transposed product is zero: Xᵀ lies in
+    span V). Everything costs O(H·W·C·n) after the forward's Gram matrix: no C × C product."""
 
     @staticmethod
     def forward(ctx: Any, flat: Tensor, count: int) -> Tensor:
@@ -127,8 +137,12 @@ class _TopRightSingularVectors(torch.autograd.Function):
         if vectors.shape[-1] < flat.shape[-2]:  # H·W < C: the null-space term U S⁻¹ V̄ᵀ(I − VVᵀ)
             outside = grad_top - vectors @ projections
             z = z + outside * _inverse_gaps(eigenvalues[:, None, :n], largest)  # V̄⊥·λ⁻¹
-        grad = top @ (z.transpose(1, 2) @ flat) + z @ (top.transpose(1, 2) @ flat)
-        return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), None  # SVP.py removenan
+        # NaN/inf zeroed as SVP.py's removenan does, here on the small factor: the product of
+        # finite factors with the finite input is finite (|F| ≤ 1/2ε keeps it far from overflow).
+        z = torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+        # X̄ᵀ = (V_n Zᵀ + Z V_nᵀ)·Xᵀ as one product of rank 2n: [V_n, Z]·([Z, V_n]ᵀ·Xᵀ).
+        grad = torch.cat([top, z], dim=2) @ (torch.cat([z, top], dim=2).transpose(1, 2) @ flat)
+        return grad, None
 
 
 def right_singular_vectors(feature_map: Tensor, count: int) -> Tensor:
@@ -193,18 +207,23 @@ def transfer_bound_factor(main_epoch: int) -> float:
     return 1.0 if factor > 1.0 - 1e-8 else factor
 
 
-def clip_transfer_gradient(ce_grad: Tensor | None, transfer_grad: Tensor | None, factor: float) -> Tensor | None:
-    """∇CE + clip_by_norm(∇transfer, ‖∇CE‖·factor) for one parameter tensor (op_util.py
+def clip_transfer_gradients(ce_grads: list[Tensor], transfer_grads: list[Tensor | None],
+                            factor: float) -> list[Tensor]:
+    """∇CE + clip_by_norm(∇transfer, ‖∇CE‖·factor), separately for each parameter tensor (op_util.py
     Optimizer_w_MHGD; the optimiser adds the weight decay). ``tf.clip_by_norm(t, c)`` is
-    t·min(1, c/‖t‖); a zero ∇transfer stays zero and a zero bound clips to zero."""
-    if transfer_grad is None:
-        return ce_grad
-    if ce_grad is None:
-        ce_grad = torch.zeros_like(transfer_grad)
-    bound = factor * torch.linalg.vector_norm(ce_grad)
-    norm = torch.linalg.vector_norm(transfer_grad)
-    scale = (bound / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp(max=1.0)
-    return ce_grad + transfer_grad * scale
+    t·min(1, c/‖t‖): a zero ∇transfer stays zero and a zero bound clips to zero. A tensor the
+    transfer term does not reach (``None``) keeps ∇CE. Updates ``ce_grads`` in place; the norms
+    and scalings are batched over the tensors (``torch._foreach_*``), a few kernels per step
+    rather than a few per tensor."""
+    reached = [index for index, grad in enumerate(transfer_grads) if grad is not None]
+    if reached:
+        ce = [ce_grads[index] for index in reached]
+        transfer = [transfer_grads[index] for index in reached]
+        bounds = factor * torch.stack(torch._foreach_norm(ce))
+        norms = torch.stack(torch._foreach_norm(transfer))
+        scales = (bounds / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp(max=1.0)
+        torch._foreach_add_(ce, torch._foreach_mul(transfer, list(scales.unbind())))
+    return ce_grads
 
 
 def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
@@ -221,7 +240,8 @@ def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
 def _linear_bn(in_features: int, out_features: int) -> nn.Sequential:
     # BatchNorm with scale and centre, decay 0.9, ε 1e-5 in the reference's arg scope: PyTorch's
     # BatchNorm1d defaults (momentum 0.1 = 1 − decay).
-    return nn.Sequential(_linear(in_features, out_features, bias=False), nn.BatchNorm1d(out_features))
+    return nn.Sequential(_linear(in_features, out_features, bias=False),
+                         nn.BatchNorm1d(out_features))
 
 
 class AttentionNetwork(nn.Module):
@@ -362,7 +382,8 @@ class MHGD(Method):
         # Only the projections: the attention networks are frozen (and in eval mode) in stage 2.
         return [self.projections]
 
-    def loss(self, s: Features, t: Features | None, batch: Batch, progress: Progress) -> dict[str, Tensor]:
+    def loss(self, s: Features, t: Features | None, batch: Batch,
+             progress: Progress) -> dict[str, Tensor]:
         # Frozen: no gradient for their parameters, but gradients flow through them to V_S.
         self.attention.requires_grad_(False)
         with torch.autocast(s.logits.device.type, enabled=False):
@@ -385,9 +406,12 @@ class MHGD(Method):
                                              allow_unused=True)
         ce_grads = torch.autograd.grad(terms["ce"], student, retain_graph=bool(others),
                                        allow_unused=True)
-        factor = transfer_bound_factor(progress.epoch)
-        for parameter, ce_grad, transfer_grad in zip(student, ce_grads, transfer_grads):
-            parameter.grad = clip_transfer_gradient(ce_grad, transfer_grad, factor)
+        ce_grads = [grad if grad is not None else torch.zeros_like(parameter)
+                    for parameter, grad in zip(student, ce_grads)]
+        grads = clip_transfer_gradients(ce_grads, list(transfer_grads[:len(student)]),
+                                        transfer_bound_factor(progress.epoch))
+        for parameter, grad in zip(student, grads):
+            parameter.grad = grad
         for parameter, grad in zip(extra, transfer_grads[len(student):]):
             parameter.grad = grad if grad is not None else torch.zeros_like(parameter)
         if others:

@@ -20,7 +20,7 @@ from methods.mhgd import (
     TRANSFER,
     AttentionNetwork,
     align_to_teacher,
-    clip_transfer_gradient,
+    clip_transfer_gradients,
     graph_kl,
     right_singular_vectors,
     transfer_bound_factor,
@@ -191,14 +191,14 @@ def test_attention_l2_is_the_reference_coefficient_on_the_squared_weights():
 
 # --- stage 2: the gradient rule -------------------------------------------------------------------
 
-def test_clip_transfer_gradient_keeps_small_and_bounds_large():
-    ce = torch.tensor([3.0, 4.0])  # ‖∇CE‖ = 5
-    small = torch.tensor([0.3, 0.0])
-    torch.testing.assert_close(clip_transfer_gradient(ce, small, 0.5), ce + small)
-    large = torch.tensor([0.0, 100.0])
-    torch.testing.assert_close(clip_transfer_gradient(ce, large, 0.5), ce + torch.tensor([0.0, 2.5]))
-    torch.testing.assert_close(clip_transfer_gradient(torch.zeros(2), large, 1.0), torch.zeros(2))
-    assert clip_transfer_gradient(ce, None, 1.0) is ce
+def test_clip_transfer_gradients_keeps_small_and_bounds_large_per_tensor():
+    ce = [torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0]), torch.zeros(2), torch.ones(3)]  # norms 5, 5, 0
+    transfer = [torch.tensor([0.3, 0.0]), torch.tensor([0.0, 100.0]), torch.tensor([0.0, 100.0]), None]
+    clipped = clip_transfer_gradients([g.clone() for g in ce], transfer, 0.5)
+    torch.testing.assert_close(clipped[0], ce[0] + transfer[0])  # under the bound 2.5: kept
+    torch.testing.assert_close(clipped[1], ce[1] + torch.tensor([0.0, 2.5]))  # clipped to 2.5
+    torch.testing.assert_close(clipped[2], torch.zeros(2))  # zero bound: clipped to zero
+    torch.testing.assert_close(clipped[3], ce[3])  # not reached by the transfer term
     assert transfer_bound_factor(0) == 0.5 and transfer_bound_factor(1) == pytest.approx(1 / (1 + math.e ** -1))
     assert transfer_bound_factor(30) == 1.0  # op_util.py: above 1 − 1e-8 it is 1
 

@@ -15,14 +15,18 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from kdbench import cli
+from kdbench import cli, slurm_presets
 from kdbench.errors import UserError
 from kdbench.slurm_presets import SlurmPreset, load_preset, resolve_preset
 from kdbench.store import Store
+
+pytestmark = pytest.mark.skipif(slurm_presets.tomllib is None,
+                                reason="SLURM presets need Python >= 3.11 (tomllib) or tomli")
 
 REPO = Path(__file__).resolve().parent.parent
 SETTING = "synthetic/tiny"
@@ -38,6 +42,8 @@ def write(path: Path, text: str) -> Path:
 def test_bundled_presets_parse():
     default = load_preset("default")
     assert default.gpus_per_task == 1 and default.time_min * 60 > default.signal_delay_s
+    # A preset that leaves a field out gets default.toml's value (as slurm/README.md says).
+    assert replace(default, source="") == SlurmPreset(source="")
     test = load_preset("test")
     assert (test.partition, test.gpus_per_task, test.cpus_per_task, test.mem_gb) == ("debug", 0, 1, 1.0)
     assert test.array_parallelism >= 2
@@ -99,7 +105,8 @@ def why_no_cluster() -> str | None:
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"`scontrol ping` failed ({error}): start the test cluster with `bash slurm/start-cluster.sh`"
     if "UP" not in ping.stdout:
-        return (f"no SLURM controller is UP (`scontrol ping`: {ping.stdout.strip() or ping.stderr.strip()}): "
+        said = (ping.stdout.strip() or ping.stderr.strip() or "no answer").splitlines()[0]
+        return (f"no SLURM controller is UP (`scontrol ping`: {said}): "
                 "start the test cluster with `bash slurm/start-cluster.sh`")
     return None
 
@@ -358,7 +365,8 @@ def test_no_wait_then_status_then_table_with_tasks_that_died_without_a_record(re
     assert cli.main(["status", "--results", str(results)]) == 0  # the whole results directory
     status = capsys.readouterr().out
     # SIGKILLed by scancel: CANCELLED (SLURM 22.05); by the kernel: FAILED or OUT_OF_MEMORY.
-    for seed, states, said in [(0, ("CANCELLED", "FAILED"), "ended"), (1, ("GONE",), "cancelled before it started")]:
+    for seed, states, said in [(0, ("CANCELLED", "FAILED"), "SLURM job ended"),
+                               (1, ("GONE",), "cancelled before it started")]:
         run_id = run["kd", seed][0]
         record = store.read(run_id)  # written by status: the job stored none
         assert record["status"] == "failed" and record["error"]["type"] == "SlurmJobDied", record
