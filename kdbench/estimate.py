@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from kdbench.data import DATASET_SHAPES, DATASET_SIZES
 from kdbench.models import build_model
-from kdbench.settings import Setting
+from kdbench.settings import QUICK_SETTING, Setting
 from kdbench.spec import RunSpec
 
 
@@ -64,6 +64,8 @@ def cpu_cost_warning(teachers: list[RunSpec], students: list[RunSpec], chosen: l
     hours = total / jobs / 3600
     if hours < 0.25:
         return f"kdbench: no GPU: running on the CPU, about {hours * 60:.0f} min for this grid"
+    quick = all(setting.name == QUICK_SETTING for setting in chosen)
     return (f"kdbench: warning: no GPU: this grid will take about {hours:.1f} hours on this CPU "
-            f"({jobs} runs at a time, measured step times; excludes evaluation). "
-            "Use --executor slurm for a GPU cluster, or --setting fashion_mnist/quick for a quick check")
+            f"({jobs} runs at a time, measured step times; excludes evaluation)"
+            + ("" if quick else ". Use --executor slurm for a GPU cluster, or "
+               f"--setting {QUICK_SETTING} for a quick check"))
