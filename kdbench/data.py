@@ -211,11 +211,13 @@ def try_download(url: str, md5: str, data_dir: Path) -> None:
     """Download and extract where the network allows; offline, leave the error to the caller."""
     from torchvision.datasets.utils import download_and_extract_archive
 
+    created = not data_dir.exists()
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         download_and_extract_archive(url, str(data_dir), md5=md5)
     except Exception:  # no network here is the common case: the caller names the missing file
-        return
+        if created and not any(data_dir.iterdir()):
+            data_dir.rmdir()  # a failed attempt leaves nothing behind
 
 
 def read_cifar_batches(paths: list[Path], label_key: bytes) -> tuple[Tensor, Tensor]:
