@@ -7,7 +7,6 @@ line and exit code 2, and results already stored are never touched by it.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -182,7 +181,7 @@ def grid_from_args(args: argparse.Namespace, creating: bool):
             checksum = register_checkpoint(args.teacher_checkpoint, chosen[0], Store(args.results),
                                            args.teacher_seed)
         else:
-            from kdbench.teachers import sha256_file
+            from kdbench.store import sha256_file
 
             checksum = sha256_file(args.teacher_checkpoint)
     return Grid(tuple(s.name for s in chosen), tuple(methods), tuple(seeds), config, overrides,
@@ -277,12 +276,12 @@ def check_runs_per_gpu(args: argparse.Namespace) -> None:
 
 
 def launch_grid(args: argparse.Namespace, teachers, students, chosen) -> list:
-    from kdbench.launch import make_executor
+    from kdbench.launch import make_executor, usable_cores
     from kdbench.progress import ProgressDisplay
     from kdbench.train import TrainOptions
 
     on_gpu = runs_on_gpu(args)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     # Several runs in flight share one GPU when one small run cannot fill it; each is its own
     # process with its own RunSpec seed and data order, so sharing changes no run's batches.
     jobs = args.runs_per_gpu or args.jobs or (1 if on_gpu else min(2, cores))

@@ -61,6 +61,13 @@ def teacher_failed(spec: RunSpec, failed_teachers: dict[str, str]) -> Result | N
     return None
 
 
+def usable_cores() -> int:
+    """CPU cores this process may use (the affinity mask, e.g. a SLURM allocation)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def finish_detail(outcome: dict[str, Any]) -> str:
     if outcome.get("skipped"):
         return "found stored (trained by another launch)"
@@ -149,9 +156,8 @@ class LocalExecutor:
 
         if torch.cuda.is_available() and options.device is None:
             return options
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         in_flight = max(1, min(self.jobs, runs))
-        return TrainOptions(**{**asdict(options), "threads": max(1, (cores or 1) // in_flight)})
+        return TrainOptions(**{**asdict(options), "threads": max(1, usable_cores() // in_flight)})
 
     def _collect(self, pending: dict[Future, RunSpec], events, failed_teachers: dict[str, str],
                  are_teachers: bool) -> list[Result]:

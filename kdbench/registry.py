@@ -9,13 +9,14 @@ silent overwrite.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from functools import lru_cache
 from importlib.metadata import EntryPoint, entry_points
 
 from kdbench.errors import UserError, suggest
+from kdbench.store import sha256_file
 from kdbench.method import Method
 
 GROUP = "kdbench.methods"
@@ -83,8 +84,7 @@ def source_sha256(method: type[Method]) -> str:
     path = inspect.getsourcefile(method)
     if path is None:
         return "unknown"
-    with open(path, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
+    return sha256_file(Path(path))
 
 
 def describe(name: str) -> tuple[str, str, str]:

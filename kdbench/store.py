@@ -27,12 +27,22 @@ cluster (``aggregate``/``tables`` import no torch). Its fields::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def sha256_file(path: Path) -> str:
+    """Checksum of a file (teacher weights, method sources), read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class CorruptRecord(Exception):

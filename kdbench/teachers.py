@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import io
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,15 +22,7 @@ from kdbench.errors import UserError
 from kdbench.models import build_model
 from kdbench.settings import Setting
 from kdbench.spec import RunSpec
-from kdbench.store import Store, write_atomically
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+from kdbench.store import Store, sha256_file, write_atomically
 
 
 @contextlib.contextmanager

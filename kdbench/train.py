@@ -260,6 +260,17 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
     trained_seconds = checkpoint["trained_seconds"] if checkpoint else 0.0
     images_seen = checkpoint["images_seen"] if checkpoint else 0
 
+    def checkpoint_here(stage_index: int, epoch: int, optimizer, scheduler) -> None:
+        """Everything a resumed run needs; optimiser None marks a stage boundary."""
+        save_checkpoint(checkpoint_path, {
+            "run_id": spec.id, "stage_index": stage_index, "epoch": epoch,
+            "student": student.state_dict(), "method": method.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer else None,
+            "scheduler": scheduler.state_dict() if scheduler else None,
+            "stream": stream.state_dict(), "rng": rng_state(), "history": history,
+            "trained_seconds": trained_seconds, "images_seen": images_seen,
+        })
+
     # ---- stages ----------------------------------------------------------------------------
     for stage_index, (stage_name, epochs) in enumerate(schedule):
         if stage_index < start_stage:
@@ -361,23 +372,12 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
             trained_seconds += entry["seconds"]
             images_seen += seen
             history.append(entry)
-            save_checkpoint(checkpoint_path, {
-                "run_id": spec.id, "stage_index": stage_index, "epoch": epoch + 1,
-                "student": student.state_dict(), "method": method.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "stream": stream.state_dict(), "rng": rng_state(), "history": history,
-                "trained_seconds": trained_seconds, "images_seen": images_seen,
-            })
+            checkpoint_here(stage_index, epoch + 1, optimizer, scheduler)
             report({"event": "epoch", **entry, "epochs": epochs})
         if stage_index + 1 < len(schedule):
             # The next stage starts at its epoch 0 with its own optimiser: checkpoint that
             # boundary so a resumed run does not repeat this stage.
-            save_checkpoint(checkpoint_path, {
-                "run_id": spec.id, "stage_index": stage_index + 1, "epoch": 0,
-                "student": student.state_dict(), "method": method.state_dict(),
-                "optimizer": None, "scheduler": None, "stream": stream.state_dict(), "rng": rng_state(),
-                "history": history, "trained_seconds": trained_seconds, "images_seen": images_seen,
-            })
+            checkpoint_here(stage_index + 1, 0, None, None)
             checkpoint = None  # the next stage starts fresh in this process
 
     # ---- record ----------------------------------------------------------------------------
