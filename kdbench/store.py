@@ -68,6 +68,9 @@ def write_atomically(path: Path, data: bytes) -> None:
 class Store:
     root: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))  # a str root would fail far from here
+
     @property
     def runs_dir(self) -> Path:
         return self.root / "runs"

@@ -21,6 +21,9 @@ teacher/student pair and the step when the method breaks a promise the engine re
    - one main-stage step runs through ``loss`` and ``backward``: finite scalar terms, the
      method's own terms reach the student, every extra trainable module gets a gradient and
      changes, the teacher and untrained modules stay as they were;
+   - neither step makes the host wait for the GPU (``kdbench.host_sync``: ``.item()``, boolean
+     masks, data-dependent shapes, solver error checks), except through the operations the
+     method declares in ``host_syncs``, and every declared one is used;
 3. on the feature shapes of every registered setting's teacher/student pair at its real image
    size (kdbench/settings.py), ``build``, every stage loss and ``loss`` run and back-propagate.
 
@@ -36,7 +39,7 @@ import dataclasses
 import json
 import sys
 from functools import lru_cache
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +48,7 @@ from torch import Tensor, nn
 from kdbench import registry, settings
 from kdbench.data import DATASET_SHAPES, DATASET_SIZES
 from kdbench.errors import UserError
+from kdbench.host_sync import HostSync, host_syncs, ops_of, reported_names
 from kdbench.method import (
     EMBEDDING,
     ROLES,
@@ -110,12 +114,17 @@ def check_steps(method_class: type[Method], name: str) -> None:
     pairs: list[tuple[str | None, str]] = list(contract_pairs())
     if not method_class.uses_teacher:
         pairs = [(None, student) for student in dict.fromkeys(student for _, student in pairs)]
+    synced: set[str] = set()
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         for teacher_arch, student_arch in pairs:
             where = (f"{teacher_arch} teacher → {student_arch} student" if teacher_arch
                      else f"{student_arch} student")
             with context(name, where):
-                check_pair(method_class, teacher_arch, student_arch)
+                synced |= check_pair(method_class, teacher_arch, student_arch)
+        unused = sorted(set(method_class.host_syncs) - synced)
+        if unused:
+            raise ContractError(f"method {name!r}: declares host_syncs {unused} that none of its "
+                                "steps issues: remove them")
         for setting in settings.SETTINGS.values():
             with context(name, f"setting {setting.name} (feature shapes only)"):
                 check_setting_shapes(method_class, setting)
@@ -143,6 +152,13 @@ def check_declaration(name: str, method_class: type[Method]) -> None:
                 f"{side} = {roles!r}: must be a frozenset of roles from {sorted(ROLES)}")
     require(method_class.uses_teacher or not method_class.teacher_taps,
             "declares teacher_taps but uses_teacher is False")
+    declared = getattr(method_class, "host_syncs", {})
+    require(isinstance(declared, Mapping) and all(
+        isinstance(op, str) and isinstance(why, str) and why.strip() for op, why in declared.items()),
+        f"host_syncs = {declared!r}: must map operation names to the reason each is needed")
+    unknown = sorted(set(declared) - reported_names())
+    require(not unknown, f"host_syncs names {unknown}, which kdbench.host_sync never reports "
+            f"(it reports {sorted(reported_names())})")
     config_class = method_class.Config
     require(isinstance(config_class, type) and issubclass(config_class, MethodConfig),
             f"Config {config_class!r} is not a subclass of kdbench.method.MethodConfig")
@@ -179,7 +195,9 @@ def context(name: str, where: str) -> Iterator[None]:
         raise ContractError(f"method {name!r}, {where}: raised {type(error).__name__}: {error}") from error
 
 
-def check_pair(method_class: type[Method], teacher_arch: str | None, student_arch: str) -> None:
+def check_pair(method_class: type[Method], teacher_arch: str | None, student_arch: str) -> set[str]:
+    """Each pre-training stage's step and the main step on one pair; the host-synchronising
+    operations they issued (all declared ones: an undeclared one fails)."""
     torch.manual_seed(0)
     student = build_model(student_arch, NUM_CLASSES, 3)
     teacher = build_model(teacher_arch, NUM_CLASSES, 3) if teacher_arch is not None else None
@@ -203,13 +221,16 @@ def check_pair(method_class: type[Method], teacher_arch: str | None, student_arc
                 return teacher_taps.pop(teacher(images))
 
         stages = method.pretrain_stages()
+        synced: set[str] = set()
         for stage in stages:
             with stage_context(stage):
-                check_stage(method, stage, student, student_taps, teacher, teacher_features, batch)
+                synced |= check_stage(method, stage, student, student_taps, teacher, teacher_features, batch)
         progress = Progress(epoch=0, epochs=2, step=0, steps_per_epoch=1,
                             pretrain_epochs=sum(stage.epochs for stage in stages))
         with stage_context(None):
-            check_main_step(method, student, student_taps, teacher, teacher_features, batch, progress)
+            synced |= check_main_step(method, student, student_taps, teacher, teacher_features,
+                                      batch, progress)
+        return synced
     finally:
         student_taps.remove()
         if teacher_taps is not None:
@@ -307,7 +328,7 @@ def require_changed(before: dict[str, Tensor], named: dict[str, nn.Parameter], i
 
 
 def check_stage(method: Method, stage: PretrainStage, student: nn.Module, student_taps: FeatureTaps,
-                teacher: nn.Module | None, teacher_features, batch: Batch) -> None:
+                teacher: nn.Module | None, teacher_features, batch: Batch) -> set[str]:
     if not isinstance(stage, PretrainStage):
         raise ContractError(f"pretrain_stages() must return PretrainStage objects, got {stage!r}")
     if not isinstance(stage.epochs, int) or stage.epochs < 1:
@@ -340,11 +361,15 @@ def check_stage(method: Method, stage: PretrainStage, student: nn.Module, studen
         module.train()
     t = teacher_features()
     s = student_taps.pop(student(batch.images)) if run_student else None
-    terms = check_terms(stage.loss(s, t, batch), "the stage's loss")
+    with host_syncs() as loss_syncs:
+        terms = stage.loss(s, t, batch)
+    terms = check_terms(terms, "the stage's loss")
     optimizer.zero_grad(set_to_none=True)
     for parameter in named.values():
         parameter.grad = None
-    torch.stack(list(terms.values())).sum().backward()
+    with host_syncs() as backward_syncs:
+        torch.stack(list(terms.values())).sum().backward()
+    synced = require_declared_syncs(method, loss_syncs + backward_syncs, "the stage's loss")
     names = module_names(method, stage.modules)
     require_gradients(stage.modules, names, "its stage loss")
     trainable_ids = set(map(id, trainable))
@@ -363,10 +388,22 @@ def check_stage(method: Method, stage: PretrainStage, student: nn.Module, studen
     for module in stage.modules:
         require_changed(before, named, set(map(id, module.parameters())), names[id(module)])
     require_unchanged(before, named, trainable_ids, "the stage's trainable set")
+    return synced
+
+
+def require_declared_syncs(method: Method, found: list[HostSync], what: str) -> set[str]:
+    """The operations in ``found``, if the method declares each of them in ``host_syncs``."""
+    undeclared = [str(sync) for sync in found if sync.op not in type(method).host_syncs]
+    if undeclared:
+        raise ContractError(
+            f"{what} makes the host wait for the GPU at every step: {'; '.join(dict.fromkeys(undeclared))}. "
+            "Keep the values on the device (e.g. sum/count instead of a boolean mask's mean), or "
+            "declare the operation in the method's host_syncs with why it cannot be avoided")
+    return ops_of(found)
 
 
 def check_main_step(method: Method, student: nn.Module, student_taps: FeatureTaps,
-                    teacher: nn.Module | None, teacher_features, batch: Batch, progress: Progress) -> None:
+                    teacher: nn.Module | None, teacher_features, batch: Batch, progress: Progress) -> set[str]:
     extra_modules = method.trainable_modules()
     method_modules = set(map(id, method.modules()))
     strangers = [module for module in extra_modules if id(module) not in method_modules]
@@ -387,7 +424,8 @@ def check_main_step(method: Method, student: nn.Module, student_taps: FeatureTap
     logits = student(batch.images)
     s = student_taps.pop(logits)
     terms = {"ce": method.ce_weight * F.cross_entropy(logits.float(), batch.labels)}
-    own = method.loss(s, t, batch, progress)
+    with host_syncs() as loss_syncs:
+        own = method.loss(s, t, batch, progress)
     if isinstance(own, dict) and "ce" in own:
         raise ContractError("loss() returned a 'ce' term: that name is the engine's (set ce_weight instead)")
     check_terms(own, "loss()")
@@ -403,7 +441,9 @@ def check_main_step(method: Method, student: nn.Module, student_taps: FeatureTap
     optimizer.zero_grad(set_to_none=True)
     for parameter in named.values():
         parameter.grad = None
-    method.backward(terms, student_parameters, progress)
+    with host_syncs() as backward_syncs:
+        method.backward(terms, student_parameters, progress)
+    synced = require_declared_syncs(method, loss_syncs + backward_syncs, "loss() and backward()")
     bad = [key for key, p in student.named_parameters()
            if p.grad is not None and not torch.isfinite(p.grad).all()]
     if bad:
@@ -426,6 +466,7 @@ def check_main_step(method: Method, student: nn.Module, student_taps: FeatureTap
         require_changed(before, named, set(map(id, module.parameters())), names[id(module)])
     require_unchanged(before, named, trainable_ids,
                       "the student and trainable_modules() (the teacher, modules of finished stages)")
+    return synced
 
 
 # --- step 3: every setting's pair, on feature shapes ---------------------------------------------

@@ -303,6 +303,10 @@ class MHGD(Method):
     Config = MHGDConfig
     student_taps = frozenset({STAGES})
     teacher_taps = frozenset({STAGES})
+    # The decompositions (spec §2) are eigh, whose CUDA kernel reads cuSOLVER's error code on
+    # the host: PyTorch has no eigh variant without that check. Once per sensing point per step.
+    host_syncs = {"aten._linalg_eigh": "the singular vectors come from torch.linalg.eigh, which "
+                                       "checks cuSOLVER's error code on the host"}
     config: MHGDConfig
 
     def build(self, student_shapes: FeatureShapes, teacher_shapes: FeatureShapes | None,

@@ -167,7 +167,59 @@ class FixedStageCount(Method):
         return {"l2": sum(F.mse_loss(a.mean(1), b.mean(1)) for a, b in zip(s.stages, t.stages))}
 
 
+class MaskedMean(LogitL2):
+    """RKD's normaliser as the authors write it, d[d > 0].mean(): a boolean index."""
+
+    def loss(self, s, t, batch, progress):
+        gaps = (s.logits - t.logits).abs()
+        return {"l1": gaps[gaps > 0].mean()}
+
+
+class ItemInLoss(LogitL2):
+    """A Python `if` on a tensor inside the step."""
+
+    def loss(self, s, t, batch, progress):
+        l2 = F.mse_loss(s.logits, t.logits)
+        return {"l2": l2 if l2 > 0 else l2.detach()}
+
+
+class SyncingBackward(LogitL2):
+    """A custom backward that logs its gradient norm with .item() every step."""
+
+    def backward(self, terms, student_parameters, progress):
+        super().backward(terms, student_parameters, progress)
+        self.last_norm = float(torch.stack([p.grad.norm() for p in student_parameters if p.grad is not None]).sum())
+
+
+class StaleDeclaration(LogitL2):
+    host_syncs = {"aten._linalg_eigh": "declared for a decomposition the loss no longer makes"}
+
+
+class UnknownDeclaration(LogitL2):
+    host_syncs = {"aten.linalg_eigh": "a name kdbench.host_sync never reports (no underscore)"}
+
+
+class DeclaredSync(LogitL2):
+    """Declares the boolean index it needs: passes."""
+
+    # Its backward indexes with the same mask again (index_put): both synchronise.
+    host_syncs = {"aten.index": "test double: a boolean index, declared",
+                  "aten.index_put": "test double: the boolean index's backward, declared"}
+
+    def loss(self, s, t, batch, progress):
+        return MaskedMean.loss(self, s, t, batch, progress)
+
+
+def test_a_declared_host_sync_passes() -> None:
+    check_method_class(DeclaredSync)
+
+
 @pytest.mark.parametrize("broken, message", [
+    (MaskedMean, r"test_contract.py:\d+ \(loss\): aten.index \(indexing with a boolean mask"),
+    (ItemInLoss, r"loss\(\) and backward\(\) makes the host wait .*aten._local_scalar_dense"),
+    (SyncingBackward, r"\(backward\): aten._local_scalar_dense"),
+    (StaleDeclaration, r"declares host_syncs \['aten._linalg_eigh'\] that none of its steps issues"),
+    (UnknownDeclaration, "kdbench.host_sync never reports"),
     (PlainDataclassConfig, "not a subclass of kdbench.method.MethodConfig"),
     (NoRoundTrip, "round-trip"),
     (DetachedLoss, "do not reach the student"),
