@@ -75,9 +75,10 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--jobs", type=positive_int, default=None,
                      help="local executor: runs at once (default: 2 on a CPU with ≥2 cores, 1 on a GPU)")
     run.add_argument("--runs-per-gpu", type=positive_int, default=None, metavar="N",
-                     help="local executor on CUDA: runs in flight at once on the GPU (default 1), "
-                          "for students too small to fill it alone; each run is its own process "
-                          "with its own seed and data order, exactly as when run alone")
+                     help="runs in flight at once on one GPU (default 1), for students too small "
+                          "to fill it alone; each run is its own process with its own seed and data "
+                          "order, exactly as when run alone. Local executor on CUDA; with --executor "
+                          "slurm, N runs per array task (a preset with a GPU per task)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     run.add_argument("--precision", choices=["fp32", "bf16"],
                      help="default bf16 on CUDA, fp32 on the CPU")
@@ -263,16 +264,37 @@ def runs_on_gpu(args: argparse.Namespace) -> bool:
 
 
 def check_runs_per_gpu(args: argparse.Namespace) -> None:
-    """--runs-per-gpu is the local executor's runs at once (--jobs) when the runs use a GPU."""
+    """--runs-per-gpu is the local executor's runs at once (--jobs) when the runs use a GPU,
+    and the SLURM preset's runs_per_task when its tasks get a GPU each."""
     if args.runs_per_gpu is None:
         return
-    if args.executor != "local":
-        raise UserError(f"--runs-per-gpu applies to the local executor, not --executor {args.executor}")
+    if args.executor not in ("local", "slurm"):
+        raise UserError(f"--runs-per-gpu applies to the local and slurm executors, not --executor {args.executor}")
     if args.jobs is not None:
         raise UserError("--runs-per-gpu and --jobs both set how many runs go at once: give one")
+    if args.executor == "slurm":
+        from kdbench.slurm_presets import resolve_preset
+
+        if any(override.partition("=")[0].strip() == "runs_per_task" for override in args.slurm_overrides):
+            raise UserError("--runs-per-gpu and --slurm-set runs_per_task both set the runs of one "
+                            "SLURM task: give one")
+        # The GPU is on the nodes, not here: the preset says whether the tasks get one.
+        preset = resolve_preset(args.slurm, args.slurm_overrides)
+        if preset.gpus_per_task < 1:
+            raise UserError(f"--runs-per-gpu with --executor slurm needs a preset that gives each task "
+                            f"a GPU, but {preset.source} has gpus_per_task = {preset.gpus_per_task}; "
+                            f"to share a CPU task, use --slurm-set runs_per_task={args.runs_per_gpu}")
+        return
     if not runs_on_gpu(args):
         raise UserError("--runs-per-gpu needs a CUDA device (these runs use the CPU); "
                         "on the CPU, --jobs sets the runs at once")
+
+
+def slurm_overrides(args: argparse.Namespace) -> list[str]:
+    """--slurm-set, plus runs_per_task from --runs-per-gpu (checked by check_runs_per_gpu)."""
+    if args.executor == "slurm" and args.runs_per_gpu is not None:
+        return [*args.slurm_overrides, f"runs_per_task={args.runs_per_gpu}"]
+    return list(args.slurm_overrides)
 
 
 def launch_grid(args: argparse.Namespace, teachers, students, chosen) -> list:
@@ -295,7 +317,7 @@ def launch_grid(args: argparse.Namespace, teachers, students, chosen) -> list:
             print(warning, file=sys.stderr, flush=True)
     display = ProgressDisplay(len(teachers) + len(students))
     executor = make_executor(args.executor, jobs=jobs, display=display, preset=args.slurm,
-                             preset_overrides=args.slurm_overrides, wait=not args.no_wait,
+                             preset_overrides=slurm_overrides(args), wait=not args.no_wait,
                              snapshot=args.snapshot)
     try:
         return executor.run(teachers, students, args.results, options)

@@ -4,7 +4,8 @@
 - ``local`` (the default): subprocesses on this machine, ``jobs`` at a time, CPU threads split
   between them;
 - ``slurm``: one job per teacher, then the students as one job array per teacher that starts
-  only after it succeeded (``SlurmExecutor``).
+  only after it succeeded (``SlurmExecutor``); each array task trains ``runs_per_task`` runs
+  at once (default 1).
 
 Every executor runs teachers first and a student only after its teacher succeeded, calls the
 same ``worker.run_job`` with plain-JSON RunSpecs, and returns one result per spec.
@@ -215,43 +216,125 @@ RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALIN
 
 
 class SlurmTask(submitit.helpers.Checkpointable):
-    """One run as a SLURM job or array task: ``worker.run_job`` on a RunSpec given as JSON.
+    """One SLURM job or array task: ``worker.run_job`` on a group of RunSpecs given as JSON.
+
+    A group of one (a spec dict, as every job queued by kdbench before ``runs_per_task``) runs
+    in this process. A group of several (a list of spec dicts) runs as that many processes at
+    once (``_run_group``), each on its own spec with its own seed and data order.
 
     Checkpointable: when SLURM warns of the time limit or a preemption (USR2), submitit calls
-    ``checkpoint`` and requeues the job. The training state is not in this object but in the
+    ``checkpoint`` and requeues the job. The training state is not in this object but in each
     run's epoch checkpoint under results/checkpoints/, written atomically after every epoch,
-    so resubmitting the very same call is all it takes: the requeued task resumes from its
-    last finished epoch. A job requeued without warning (``scontrol requeue``, a node failure
-    with --requeue) restarts the same call and resumes the same way."""
+    so resubmitting the very same call is all it takes: the requeued task skips the runs of
+    its group that are stored and resumes the others from their last finished epoch. A job
+    requeued without warning (``scontrol requeue``, a node failure with --requeue) restarts
+    the same call and resumes the same way."""
 
-    def __call__(self, spec_json: dict[str, Any], results: str, options: dict[str, Any]) -> dict[str, Any]:
-        spec = RunSpec.from_json(spec_json)
+    def __call__(self, specs: dict[str, Any] | list[dict[str, Any]], results: str,
+                 options: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
+        group = [specs] if isinstance(specs, dict) else list(specs)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         job_id = os.environ.get("SLURM_ARRAY_JOB_ID")
         job_id = (f"{job_id}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job_id
                   else os.environ.get("SLURM_JOB_ID", "?"))
-        # One line per attempt in the task's log, so a requeue is visible there, and which
-        # copy of the code runs (a --snapshot's or the checkout's).
-        print(f"kdbench: {spec.label()} ({spec.id}): SLURM job {job_id}, attempt {restarts + 1}, "
-              f"code from {Path(__file__).resolve().parent}", flush=True)
-        outcome = run_job(spec_json, results, options, on_progress=log_epoch, raise_on_failure=True)
+        # One line per run and attempt in the task's log, so a requeue is visible there, and
+        # which copy of the code runs (a --snapshot's or the checkout's).
+        for index, spec_json in enumerate(group):
+            spec = RunSpec.from_json(spec_json)
+            shared = f", run {index + 1} of {len(group)} in this task" if len(group) > 1 else ""
+            print(f"kdbench: {spec.label()} ({spec.id}): SLURM job {job_id}, attempt {restarts + 1}"
+                  f"{shared}, code from {Path(__file__).resolve().parent}", flush=True)
+        if len(group) > 1:
+            return _run_group(group, results, options, restarts)
+        outcome = run_job(group[0], results, options, on_progress=log_epoch, raise_on_failure=True)
         if not outcome.get("skipped"):
-            note_restarts(Store(Path(results)), spec.id, restarts)
+            note_restarts(Store(Path(results)), outcome["id"], restarts)
         return outcome
 
-    def checkpoint(self, spec_json: dict[str, Any], results: str, options: dict[str, Any]
-                   ) -> submitit.helpers.DelayedSubmission:
-        return submitit.helpers.DelayedSubmission(self, spec_json, results, options)
+    def checkpoint(self, specs: dict[str, Any] | list[dict[str, Any]], results: str,
+                   options: dict[str, Any]) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(self, specs, results, options)
 
 
-def log_epoch(event: dict[str, Any]) -> None:
+class GroupRunsFailed(RuntimeError):
+    """Raised by a SLURM task of several runs after all of them ended, when any failed, so
+    that SLURM marks the task FAILED. Each failed run has its own failed record already."""
+
+
+def _run_group(group: list[dict[str, Any]], results: str, options: dict[str, Any],
+               restarts: int) -> list[dict[str, Any]]:
+    """The runs of one task at once, one process each (spawn, as LocalExecutor: no run shares
+    a global with another), with the task's CPU threads split between them. A run that fails
+    is stored as failed by ``run_job`` and stops no other; when all have ended, raise if any
+    failed."""
+    threads = max(1, (options.get("threads") or usable_cores()) // len(group))
+    member_options = {**options, "threads": threads}
+    context = multiprocessing.get_context("spawn")
+    members = []
+    try:
+        for spec_json in group:
+            receiver, sender = context.Pipe(duplex=False)
+            process = context.Process(target=_group_member, name=f"kdbench-{spec_json.get('seed')}",
+                                      args=(spec_json, results, member_options, restarts, sender))
+            process.start()
+            sender.close()  # the child holds the other copy: EOF on it means the child ended
+            members.append((spec_json, process, receiver))
+        outcomes = []
+        for spec_json, process, receiver in members:
+            spec = RunSpec.from_json(spec_json)
+            try:
+                outcome = receiver.recv()
+            except EOFError:  # ended without an answer: killed, out of memory, segfault
+                process.join()
+                outcome = {"id": spec.id, "status": "failed",
+                           "error": f"worker process died (exit code {process.exitcode})"}
+            process.join()
+            outcomes.append(outcome)
+    finally:
+        # Reached early only when this process is leaving: submitit's USR2 handler requeued the
+        # task and exits, or an error. The members ignore SIGTERM (below), so kill them; their
+        # epoch checkpoints are what the requeued task resumes from.
+        for _, process, _ in members:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    failed = [(RunSpec.from_json(spec_json), outcome) for spec_json, outcome in zip(group, outcomes)
+              if outcome["status"] != "done"]
+    if failed:
+        raise GroupRunsFailed(f"{len(failed)} of the {len(group)} runs of this task failed: " + "; ".join(
+            f"{spec.label()} ({spec.id}): {outcome['error']}" for spec, outcome in failed))
+    return outcomes
+
+
+def _group_member(spec_json: dict[str, Any], results: str, options: dict[str, Any], restarts: int,
+                  answer) -> None:
+    """One run of a task of several, in its own process; sends run_job's outcome back."""
+    import signal
+
+    # As submitit does for the task's own process: SIGTERM (scancel, `scontrol requeue`) is
+    # left to SLURM's KillWait, and USR2 (time limit, preemption) is the task process's to
+    # handle: it checkpoints the call and requeues the task, then kills its members.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    label = RunSpec.from_json(spec_json).label()
+    print(f"kdbench: {label}: process {os.getpid()}", flush=True)
+    outcome = run_job(spec_json, results, options, on_progress=lambda event: log_epoch(event, label))
+    if outcome["status"] == "done" and not outcome.get("skipped"):
+        note_restarts(Store(Path(results)), outcome["id"], restarts)
+    answer.send(outcome)
+    answer.close()
+
+
+def log_epoch(event: dict[str, Any], label: str | None = None) -> None:
     """One line per finished epoch in the task's log: progress to `tail -f`, and after a
-    requeue the proof that training went on from the checkpoint instead of from epoch 1."""
+    requeue the proof that training went on from the checkpoint instead of from epoch 1. In a
+    task of several runs each line starts with its run's label."""
     if event.get("event") != "epoch":
         return
+    run = f"{label}: " if label else ""
     stage = "" if event.get("stage") in (None, "main") else f"[{event['stage']}] "
     accuracy = f" test top-1 {event['top1']:.2f}%" if "top1" in event else ""
-    print(f"kdbench: {stage}epoch {event['epoch']}/{event['epochs']} loss {event['loss']:.4f}{accuracy}",
+    print(f"kdbench: {run}{stage}epoch {event['epoch']}/{event['epochs']} loss {event['loss']:.4f}{accuracy}",
           flush=True)
 
 
@@ -431,7 +514,10 @@ class SlurmExecutor:
     """Teachers as single jobs, then the students of each teacher as ONE job array that SLURM
     starts only after that teacher's job succeeded (--dependency=afterok, and
     --kill-on-invalid-dep so a failed teacher cancels its students instead of leaving them
-    queued forever). Every task runs ``SlurmTask`` on one RunSpec as JSON.
+    queued forever). Every task runs ``SlurmTask`` on up to the preset's ``runs_per_task``
+    RunSpecs as JSON (a teacher is always a task of its own); each run keeps its own
+    SlurmSubmission, with the job id of the task it shares, so following, status and failure
+    records stay per run.
 
     Runs that a previous submission still has queued or running in SLURM are followed, not
     submitted twice. With ``wait`` (the default) it polls sacct and the store until every run
@@ -503,23 +589,29 @@ class SlurmExecutor:
         return submitit.helpers.RsyncSnapshot(snapshot_dir=target, root_dir=root, include=untracked)
 
     def _submit(self, specs: list[RunSpec], folder: Path, results: Path, options: dict[str, Any],
-                name: str, after: str | None) -> list[SlurmSubmission]:
+                name: str, after: str | None, runs_per_task: int = 1) -> list[SlurmSubmission]:
+        """Submit the specs in groups of up to ``runs_per_task``, one job (or array task) per
+        group; one SlurmSubmission per run, with its group's job id."""
         executor = self._executor(folder, name, after)
         task = SlurmTask()
+        groups = [specs[start:start + runs_per_task] for start in range(0, len(specs), runs_per_task)]
+        # A group of one is sent as a spec dict, as by kdbench versions before runs_per_task.
+        calls = [group[0].to_json() if len(group) == 1 else [spec.to_json() for spec in group]
+                 for group in groups]
         try:
             # submitit also prints sbatch's complaint to stderr; it is in our one-line error.
             with contextlib.redirect_stderr(io.StringIO()):
-                if len(specs) == 1:
-                    jobs = [executor.submit(task, specs[0].to_json(), str(results), options)]
+                if len(calls) == 1:
+                    jobs = [executor.submit(task, calls[0], str(results), options)]
                 else:
-                    jobs = executor.map_array(task, [spec.to_json() for spec in specs],
-                                              [str(results)] * len(specs), [options] * len(specs))
+                    jobs = executor.map_array(task, calls, [str(results)] * len(calls),
+                                              [options] * len(calls))
         except submitit.core.utils.FailedJobError as error:  # sbatch said no
             reason = " ".join(str(error).split())[:500]
             raise UserError(f"sbatch refused the job ({self.preset.source}): {reason}") from None
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         submissions = [SlurmSubmission(spec.id, spec.label(), job.job_id, str(folder), spec.to_json(),
-                                       after, now) for spec, job in zip(specs, jobs)]
+                                       after, now) for group, job in zip(groups, jobs) for spec in group]
         for submission in submissions:
             write_submission(results, submission)
         return submissions
@@ -561,7 +653,8 @@ class SlurmExecutor:
                     if spec.id not in in_flight:
                         groups.setdefault(teacher_jobs.get(spec.teacher_spec().id), []).append(spec)
                 for after, group in groups.items():
-                    submitted += self._submit(group, folder, results, job_options, "kdbench", after)
+                    submitted += self._submit(group, folder, results, job_options, "kdbench", after,
+                                              self.preset.runs_per_task)
         except subprocess.CalledProcessError as error:  # git clone / rsync of --snapshot
             cancel([submission.job_id for submission in submitted])
             command = error.cmd if isinstance(error.cmd, str) else " ".join(map(str, error.cmd))
@@ -590,8 +683,15 @@ class SlurmExecutor:
             arrays.setdefault(submission.job_id.split("_")[0], []).append(submission)
         for job_id, members in arrays.items():
             after = f", starts after job {members[0].after} succeeds" if members[0].after else ""
-            what = (members[0].label if len(members) == 1 and "_" not in members[0].job_id
-                    else f"array of {len(members)} runs")
+            tasks = len({member.job_id for member in members})
+            if len(members) == 1 and "_" not in members[0].job_id:
+                what = members[0].label
+            elif "_" not in members[0].job_id:
+                what = f"{len(members)} runs in one task"
+            elif tasks == len(members):
+                what = f"array of {len(members)} runs"
+            else:
+                what = f"array of {tasks} tasks for {len(members)} runs"
             print(f"kdbench: SLURM job {job_id}: {what}{after}", flush=True)
         if followed:
             print(f"kdbench: {len(followed)} run{'s' if len(followed) > 1 else ''} already queued or "
@@ -651,7 +751,7 @@ class SlurmExecutor:
                 finish(submission, "failed", error)
                 if RunSpec.from_json(submission.spec).role == TEACHER:
                     students = [s for s in open_runs.values() if s.after == submission.job_id]
-                    cancel([s.job_id for s in students])  # they can never start
+                    cancel(sorted({s.job_id for s in students}))  # they can never start
                     for student in students:
                         finish(student, "failed", f"its teacher failed: {error}")
             if self.display:

@@ -43,6 +43,9 @@ class SlurmPreset:
     mem_gb: float = 16.0
     time_min: int = 360  # per job attempt; a requeued job gets the full limit again
     array_parallelism: int = 16  # tasks of one array running at once (sbatch --array=...%N)
+    # Student runs trained at once by one array task (each its own process, seed and data order,
+    # sharing the task's GPUs and CPUs): for runs too small to fill a GPU alone.
+    runs_per_task: int = 1
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
@@ -58,8 +61,9 @@ class SlurmPreset:
     def describe(self) -> str:
         gpus = f"{self.gpus_per_task} GPU{'s' if self.gpus_per_task != 1 else ''}" if self.gpus_per_task else "no GPU"
         where = f"partition {self.partition}" if self.partition else "default partition"
+        runs = f"{self.runs_per_task} run{'s' if self.runs_per_task != 1 else ''} per task"
         return (f"{where}, {gpus}, {self.cpus_per_task} CPUs, {self.mem_gb:g} GB, "
-                f"{self.time_min} min per task, {self.array_parallelism} tasks at once")
+                f"{self.time_min} min per task, {runs}, {self.array_parallelism} tasks at once")
 
 
 # field -> (accepted Python types, description for messages); "source" is not user-settable.
@@ -70,6 +74,7 @@ FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "mem_gb": ((int, float), "a number"),
     "time_min": ((int,), "a whole number of minutes"),
     "array_parallelism": ((int,), "a whole number"),
+    "runs_per_task": ((int,), "a whole number"),
     "account": ((str,), "a string"),
     "qos": ((str,), "a string"),
     "constraint": ((str,), "a string"),
@@ -80,7 +85,7 @@ FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "sbatch": ((dict,), "a table of sbatch options"),
 }
 MINIMUM = {"gpus_per_task": 0, "cpus_per_task": 1, "mem_gb": 0.001, "time_min": 1,
-           "array_parallelism": 1, "signal_delay_s": 0, "max_requeues": 0}
+           "array_parallelism": 1, "runs_per_task": 1, "signal_delay_s": 0, "max_requeues": 0}
 
 
 def _check_value(name: str, value: Any, where: str) -> Any:

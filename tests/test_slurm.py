@@ -55,6 +55,8 @@ def test_bundled_presets_parse():
     ("cpus_per_task = '4'\n", "cpus_per_task must be a whole number"),
     ("gpus_per_task = true\n", "gpus_per_task must be a whole number"),
     ("mem_gb = -1\n", "mem_gb must be at least"),
+    ("runs_per_task = 0\n", "runs_per_task must be at least 1"),
+    ("runs_per_task = 1.5\n", "runs_per_task must be a whole number"),
     ("setup = ['module load cuda', 3]\n", "setup must be a list of strings"),
     ("[sbatch]\nmail = { a = 1 }\n", "sbatch.mail must be"),
     ("time_min = 1\nsignal_delay_s = 90\n", "signal_delay_s (90 s) must be shorter"),
@@ -69,10 +71,12 @@ def test_a_bad_preset_is_one_line_naming_the_file(tmp_path, text, problem):
 
 def test_overrides_are_typed_by_the_field():
     preset = resolve_preset("test", ["partition=gpu", "time_min=30", "mem_gb=2.5", "sbatch.mail-type=END",
-                                     'setup=["module load cuda"]', "account=proj", "account="])
+                                     'setup=["module load cuda"]', "account=proj", "account=",
+                                     "runs_per_task=3"])
     assert preset == SlurmPreset(**{**preset.__dict__, "partition": "gpu", "time_min": 30, "mem_gb": 2.5,
                                     "sbatch": {"mail-type": "END"}, "setup": ("module load cuda",),
-                                    "account": None})
+                                    "account": None, "runs_per_task": 3})
+    assert "3 runs per task" in preset.describe() and "1 run per task" in load_preset("test").describe()
     for bad, problem in [("time_min=soon", "time_min must be"), ("nodes=2", "unknown field 'nodes'"),
                          ("partition", "expected FIELD=VALUE")]:
         with pytest.raises(UserError, match=problem):
@@ -84,14 +88,42 @@ def test_overrides_are_typed_by_the_field():
 def test_cli_exits_2_on_a_bad_preset_and_submits_nothing(tmp_path, capsys):
     bad = write(tmp_path / "bad.toml", "cpus_per_task = 'many'\n")
     results = tmp_path / "results"
-    for preset_args, problem in [(["--slurm", str(bad)], f"{bad}: cpus_per_task must be"),
-                                 (["--slurm", "test", "--slurm-set", "time_min=0"], "time_min must be at least")]:
+    for preset_args, problem in [
+            (["--slurm", str(bad)], f"{bad}: cpus_per_task must be"),
+            (["--slurm", "test", "--slurm-set", "time_min=0"], "time_min must be at least"),
+            (["--slurm", "test", "--slurm-set", "runs_per_task=0"], "runs_per_task must be at least 1, got 0"),
+            # The test preset's tasks get no GPU: --runs-per-gpu is refused, naming the way out.
+            (["--slurm", "test", "--runs-per-gpu", "2"], "gpus_per_task = 0; to share a CPU task, use "
+                                                         "--slurm-set runs_per_task=2"),
+            (["--slurm", "default", "--runs-per-gpu", "2", "--slurm-set", "runs_per_task=3"],
+             "--runs-per-gpu and --slurm-set runs_per_task both set"),
+            (["--slurm", "default", "--runs-per-gpu", "0"], "--runs-per-gpu: must be at least 1")]:
         code = cli.main(["run", "--setting", SETTING, "--methods", "kd", "--seeds", "1",
                          "--results", str(results), "--executor", "slurm", "--no-table", *preset_args])
         assert code == 2
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and error[0].startswith("kdbench: error:") and problem in error[0], error
     assert not (results / "slurm").exists()
+
+
+def test_runs_per_gpu_sets_runs_per_task_of_a_gpu_preset():
+    args = cli.build_parser().parse_args(["run", "--executor", "slurm", "--slurm", "default",
+                                          "--runs-per-gpu", "3", "--slurm-set", "partition=gpu"])
+    cli.check_runs_per_gpu(args)  # default.toml gives each task a GPU: accepted without one here
+    preset = resolve_preset(args.slurm, cli.slurm_overrides(args))
+    assert (preset.runs_per_task, preset.gpus_per_task, preset.partition) == (3, 1, "gpu")
+    local = cli.build_parser().parse_args(["run", "--runs-per-gpu", "3", "--slurm-set", "runs_per_task=2"])
+    assert cli.slurm_overrides(local) == ["runs_per_task=2"]  # not a SLURM run: left alone
+
+
+def test_a_requeued_task_resubmits_its_whole_group():
+    from kdbench.launch import SlurmTask
+
+    group = [{"seed": 0}, {"seed": 1}]
+    options = {"threads": 2}
+    task = SlurmTask()
+    again = task.checkpoint(group, "/results", options)
+    assert again.function is task and again.args == (group, "/results", options)
 
 
 # --- the real cluster -----------------------------------------------------------------------
@@ -161,10 +193,20 @@ def comparable(record: dict) -> dict:
     return {"id": record["id"], "status": record["status"], "metrics": record["metrics"], "history": history}
 
 
+@pytest.fixture(scope="module")
+def in_process_grid(trained_tiny_teacher, tmp_path_factory) -> Path:
+    """The kd × 2 seeds grid run in this process: the numbers every executor must reproduce."""
+    local = tmp_path_factory.mktemp("in-process") / "results"
+    shutil.copytree(trained_tiny_teacher, local)
+    assert cli.main(["run", *grid_args(local, "--methods", "kd", "--seeds", "2"),
+                     "--executor", "inprocess", "--no-table"]) == 0
+    return local
+
+
 @pytest.mark.slurm
 @cluster
 def test_grid_runs_as_teacher_job_then_one_dependent_array_with_the_local_numbers(
-        tmp_path, results_with_teacher, capsys):
+        tmp_path, in_process_grid, capsys):
     results = tmp_path / "slurm-results"
     code = cli.main(["run", *grid_args(results, "--methods", "kd", "--seeds", "2"),
                      "--executor", "slurm", "--slurm", "test"])
@@ -191,9 +233,7 @@ def test_grid_runs_as_teacher_job_then_one_dependent_array_with_the_local_number
     assert all(task["Start"] >= teacher_job["End"] for task in tasks)  # afterok: only after it
 
     # All five records stored, identical to the same grid run in this process.
-    local = results_with_teacher
-    assert cli.main(["run", *grid_args(local, "--methods", "kd", "--seeds", "2"),
-                     "--executor", "inprocess", "--no-table"]) == 0
+    local = in_process_grid
     on_slurm = {record["id"]: record for record in Store(results).records()}
     in_process = {record["id"]: record for record in Store(local).records()}
     assert len(on_slurm) == 5 and on_slurm.keys() == in_process.keys()
@@ -206,6 +246,44 @@ def test_grid_runs_as_teacher_job_then_one_dependent_array_with_the_local_number
         assert cli.main(["table", "--results", str(directory)]) == 0
         tables.append(capsys.readouterr().out)
     assert tables[0] == tables[1] and "kd" in tables[0]
+
+
+@pytest.mark.slurm
+@cluster
+def test_runs_per_task_trains_two_runs_in_one_task_with_the_local_numbers(
+        results_with_teacher, in_process_grid, capsys):
+    results = results_with_teacher  # the teacher is trained: no teacher job
+    # Seed 0 of the in-process grid: the vanilla and kd runs, one task of 2 runs on 2 CPUs.
+    code = cli.main(["run", *grid_args(results, "--methods", "kd", "--seed-list", "0"), "--executor", "slurm",
+                     "--slurm", "test", "--slurm-set", "runs_per_task=2", "--slurm-set", "cpus_per_task=2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "2 runs in one task" in out and "2 runs per task" in out, out
+
+    # 2 runs, 1 task: both runs were sent to the same job.
+    jobs = submissions(results)
+    assert sorted((job["spec"]["method"], job["spec"]["seed"]) for job in jobs.values()) == [
+        ("kd", 0), ("vanilla", 0)]
+    [job_id] = {job["job_id"] for job in jobs.values()}
+    script = (results / "slurm" / "logs" / f"{job_id}_submission.sh").read_text()
+    assert "#SBATCH --array" not in script and "#SBATCH --cpus-per-task=2" in script
+    [task] = settled(job_id)
+    assert (task["JobID"], task["State"]) == (job_id, "COMPLETED")
+
+    # Each run in its own process, both at once, sharing the task's 2 CPUs: 1 thread each.
+    log = (results / "slurm" / "logs" / f"{job_id}_0_log.out").read_text()
+    processes = set(re.findall(r"^kdbench: .*: process (\d+)$", log, re.MULTILINE))
+    assert len(processes) == 2 and str(os.getpid()) not in processes, log
+    assert all(f"{SETTING} {method} seed 0: epoch 1/" in log for method in ("vanilla", "kd")), log
+
+    # The same records and numbers as the same seed trained alone in this process.
+    in_process = {record["id"]: record for record in Store(in_process_grid).records()}
+    for run_id in jobs:
+        record = Store(results).read(run_id)
+        assert comparable(record) == comparable(in_process[run_id])
+        provenance = record["provenance"]
+        assert provenance["threads"] == 1 and provenance["slurm_job_id"] == job_id
+        assert provenance["slurm_restart_count"] == 0
 
 
 FLAKY_PLUGIN = '''\
@@ -286,6 +364,48 @@ def test_a_raising_task_is_recorded_failed_and_a_rerun_retries_only_it(results_w
     assert "_" not in rerun[changed[0]]["job_id"]  # one run: a single job, not an array
     assert store.read(changed[0])["status"] == "done"
     assert all(store.record_path(run_id).stat().st_mtime_ns == mtime for run_id, mtime in done_before.items())
+
+
+@pytest.mark.slurm
+@cluster
+def test_a_run_that_raises_fails_alone_in_a_task_it_shares(results_with_teacher, flaky_plugin):
+    results = results_with_teacher
+    grid = grid_args(results, "--methods", "flaky", "--seeds", "2", "--epochs", "1")
+    run = kdbench("run", *grid, "--executor", "slurm", "--slurm", "test", "--slurm-set", "runs_per_task=2",
+                  "--no-table", env=flaky_plugin)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "1 run failed" in run.stderr and "flaky fails seed 1 on purpose" in run.stderr, run.stderr
+
+    # flaky seeds 0 and 1 share a task; seed 1 raised, seed 0 trained on beside it and is done.
+    store = Store(results)
+    jobs = submissions(results)
+    task_of = {(job["spec"]["method"], job["spec"]["seed"]): job["job_id"] for job in jobs.values()}
+    assert len(jobs) == 4 and len(set(task_of.values())) == 2
+    assert task_of["flaky", 0] == task_of["flaky", 1] != task_of["vanilla", 0] == task_of["vanilla", 1]
+    records = {(job["spec"]["method"], job["spec"]["seed"]): store.read(run_id) for run_id, job in jobs.items()}
+    assert {key for key, record in records.items() if record["status"] == "done"} == {
+        ("vanilla", 0), ("vanilla", 1), ("flaky", 0)}
+    failed = records["flaky", 1]
+    assert failed["status"] == "failed" and failed["error"]["type"] == "RuntimeError"
+    assert "flaky fails seed 1 on purpose" in failed["error"]["message"]
+    slurm = failed["error"]["slurm"]  # the task's error, state and log, added by the follower
+    assert slurm["job_id"] == task_of["flaky", 1] and slurm["state"] == "FAILED"
+    assert "1 of the 2 runs of this task failed" in slurm["submitit_error"]
+    assert "flaky seed 1" in slurm["submitit_error"] and "flaky seed 0" not in slurm["submitit_error"]
+    assert records["flaky", 0].get("error") is None and records["flaky", 0]["metrics"]
+    # SLURM marked the shared task FAILED (so the run's failure is visible there too).
+    array_id = task_of["flaky", 0].split("_")[0]
+    states = {task["JobID"]: task["State"] for task in settled(array_id)}
+    assert states == {task_of["vanilla", 0]: "COMPLETED", task_of["flaky", 0]: "FAILED"}
+
+    # status agrees, per run: the shared task's failure is seed 1's alone.
+    status = kdbench("status", *grid, env=flaky_plugin)
+    assert status.returncode == 0, status.stderr
+    header, *rows = status.stdout.splitlines()
+    flaky_row = next(row for row in rows if row.split()[1:2] == ["flaky"])
+    counts = dict(zip(header.split()[2:], map(int, flaky_row.split()[2:])))
+    assert (counts["done"], counts["failed"]) == (1, 1), status.stdout
+    assert f"failed: {SETTING} flaky seed 1" in status.stdout and f"failed: {SETTING} flaky seed 0" not in status.stdout
 
 
 @pytest.mark.slurm
