@@ -232,10 +232,12 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             "error": _error_text(error),
             "git_commit": provenance.get("git_commit"),
             "finished_at": provenance.get("finished_at"),
+            # Absent from specs made in fp32 (kdbench.spec: fp32 is left out of the JSON).
+            "precision": spec.get("precision", "fp32"),
         })
     columns = ["run_id", "status", "setting", "dataset", "teacher_arch", "student_arch",
                "recipe_source", "role", "method", "seed", "variant", "epochs", *METRICS,
-               "error", "git_commit", "finished_at"]
+               "error", "git_commit", "finished_at", "precision"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -354,12 +356,15 @@ def summarize(
     confidence: float = 0.95,
     decimals: int = 2,
     published: Mapping[str, Any] | None = None,
+    precision: str | None = None,
 ) -> Summary:
     """Aggregate records into the cells of a table (see the module docstring for the rules).
 
     ``settings``: names or glob patterns (None: all). ``methods``: method names or variant
     labels, in the order the rows should appear (None: all, alphabetical); Teacher and Student
     always come first. ``published``: the parsed published.json, to attach published numbers.
+    ``precision``: only the student runs made at this precision ("fp32", "bf16"; None: all);
+    teachers are fp32 for every precision.
     """
     metric = resolve_metric(metric)
     if not 0 < alpha < 1:
@@ -368,6 +373,10 @@ def summarize(
     if runs.empty:
         raise UserError("no records to aggregate")
     runs = runs[runs["setting"].notna()]
+    if precision is not None:  # teachers are trained in fp32 for every precision (kdbench.spec)
+        runs = runs[(runs["precision"] == precision) | (runs["role"] == "teacher")]
+        if not (runs["role"] != "teacher").any():
+            raise UserError(f"no student runs made at precision {precision}")
     chosen = select_settings(runs["setting"].unique().tolist(), settings)
     runs = runs[runs["setting"].isin(chosen)].copy()
     if ((runs["role"] != "teacher") & (runs["method"] == TEACHER)).any():

@@ -61,6 +61,10 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-seed", type=int, default=0)
     parser.add_argument("--teacher-checkpoint", type=Path,
                         help="use this teacher state_dict instead of training one")
+    parser.add_argument("--precision", choices=["fp32", "bf16"],
+                        help="the networks' arithmetic: bf16 autocast (losses stay fp32) or fp32; "
+                             "default bf16 where the runs get a GPU, fp32 on the CPU. Part of "
+                             "each run's identity: bf16 and fp32 runs are never mixed")
 
 
 def build_parser() -> ArgumentParser:
@@ -80,8 +84,6 @@ def build_parser() -> ArgumentParser:
                           "order, exactly as when run alone. Local executor on CUDA; with --executor "
                           "slurm, N runs per array task (a preset with a GPU per task)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    run.add_argument("--precision", choices=["fp32", "bf16"],
-                     help="default bf16 on CUDA, fp32 on the CPU")
     run.add_argument("--compile", action="store_true", help="torch.compile the networks")
     run.add_argument("--data-dir", type=Path, help="where datasets live (default ./data or $KDBENCH_DATA)")
     run.add_argument("--slurm", metavar="PRESET", default="default",
@@ -186,7 +188,23 @@ def grid_from_args(args: argparse.Namespace, creating: bool):
 
             checksum = sha256_file(args.teacher_checkpoint)
     return Grid(tuple(s.name for s in chosen), tuple(methods), tuple(seeds), config, overrides,
-                args.teacher_seed, checksum), chosen
+                args.teacher_seed, checksum, resolve_precision(args)), chosen
+
+
+def resolve_precision(args: argparse.Namespace) -> str:
+    """--precision; else bf16 where the runs get a GPU (CUDA here, or a SLURM preset that gives
+    each task one: the GPU is on the nodes), else fp32."""
+    from kdbench.spec import BF16, FP32
+
+    if args.precision:
+        return args.precision
+    if getattr(args, "executor", None) == "slurm":
+        from kdbench.slurm_presets import resolve_preset
+
+        on_gpu = resolve_preset(args.slurm, slurm_overrides(args)).gpus_per_task >= 1
+    else:
+        on_gpu = runs_on_gpu(args)
+    return BF16 if on_gpu else FP32
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -246,7 +264,7 @@ def command_run(args: argparse.Namespace) -> int:
     if not args.no_table and not submitted:
         table_args = build_parser().parse_args(
             ["table", "--results", str(args.results), "--settings", ",".join(grid.settings),
-             "--methods", ",".join(grid.methods)])
+             "--methods", ",".join(grid.methods), "--precision", grid.precision])
         print()
         try:
             from kdbench.report import table_command
@@ -260,7 +278,8 @@ def command_run(args: argparse.Namespace) -> int:
 def runs_on_gpu(args: argparse.Namespace) -> bool:
     import torch
 
-    return (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    device = getattr(args, "device", None)  # `status` has no --device: this machine's default
+    return (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
 
 
 def check_runs_per_gpu(args: argparse.Namespace) -> None:
@@ -307,8 +326,7 @@ def launch_grid(args: argparse.Namespace, teachers, students, chosen) -> list:
     # Several runs in flight share one GPU when one small run cannot fill it; each is its own
     # process with its own RunSpec seed and data order, so sharing changes no run's batches.
     jobs = args.runs_per_gpu or args.jobs or (1 if on_gpu else min(2, cores))
-    options = TrainOptions(device=args.device, precision=args.precision, compile=args.compile,
-                           data_dir=args.data_dir)
+    options = TrainOptions(device=args.device, compile=args.compile, data_dir=args.data_dir)
     if not on_gpu and args.executor != "slurm":
         from kdbench.estimate import cpu_cost_warning
 

@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdbench.spec import STUDENT, TEACHER, RunSpec
+from kdbench.spec import FP32, STUDENT, RunSpec
 from kdbench.store import CorruptRecord, Store
 
 BASELINE = "vanilla"  # the "Student" row every table needs
@@ -22,17 +22,17 @@ class Grid:
     overrides: dict[str, Any] = field(default_factory=dict)
     teacher_seed: int = 0
     teacher_checkpoint: str | None = None  # sha256 of a registered user checkpoint
+    precision: str = FP32
 
     def students(self) -> list[RunSpec]:
         return [
             RunSpec(setting, method, seed, STUDENT, dict(self.config.get(method, {})),
-                    dict(self.overrides), self.teacher_seed, self.teacher_checkpoint)
+                    dict(self.overrides), self.teacher_seed, self.teacher_checkpoint, self.precision)
             for setting in self.settings for method in self.methods for seed in self.seeds
         ]
 
     def teachers(self) -> list[RunSpec]:
-        return [RunSpec(setting, BASELINE, self.teacher_seed, TEACHER,
-                        teacher_checkpoint=self.teacher_checkpoint) for setting in self.settings]
+        return list({spec.id: spec for spec in map(RunSpec.teacher_spec, self.students())}.values())
 
 
 def with_baseline(methods: list[str]) -> list[str]:

@@ -70,6 +70,9 @@ def add_table_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decimals", type=int, default=2,
                         help="digits after the point (default 2)")
     parser.add_argument("--label", help="LaTeX label (default: tab:NAME from --out)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"],
+                        help="only the runs made at this precision (default: all; bf16 runs "
+                             "are other experiments than fp32 ones and get rows of their own)")
 
 
 def table_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
@@ -95,6 +98,7 @@ def table_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -
         alpha=getattr(args, "alpha", 0.05),
         decimals=getattr(args, "decimals", 2),
         published=load_published() if compare else None,
+        precision=getattr(args, "precision", None),
     )
     layout = Layout(delta=getattr(args, "delta", False), ci=getattr(args, "ci", False),
                     published=compare)

@@ -15,6 +15,8 @@ from typing import Any
 STUDENT = "student"
 TEACHER = "teacher"
 TEACHER_METHOD = "vanilla"  # a teacher is its architecture trained alone on its recipe
+FP32, BF16 = "fp32", "bf16"
+PRECISIONS = (FP32, BF16)
 
 
 @dataclass(frozen=True)
@@ -28,9 +30,21 @@ class RunSpec:
     teacher_seed: int = 0
     # sha256 of a user-given teacher state_dict (--teacher-checkpoint); None: the cached one.
     teacher_checkpoint: str | None = None
+    # The networks' forward arithmetic: "bf16" runs them under bf16 autocast (the losses stay
+    # fp32). Part of the run's identity, as a bf16 run is another experiment than an fp32 one:
+    # they never share a record, a checkpoint or a table cell. fp32 is left out of the JSON, so
+    # runs stored before this field existed (all fp32) keep their ids.
+    precision: str = FP32
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["precision"] == FP32:
+            del data["precision"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RunSpec":
@@ -42,11 +56,13 @@ class RunSpec:
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def teacher_spec(self) -> "RunSpec":
-        """The teacher run this student run distils from."""
+        """The teacher run this student run distils from. Teachers are trained in fp32 at
+        every precision: one teacher serves a bf16 and an fp32 grid, so the two differ only in
+        the students' arithmetic."""
         return RunSpec(self.setting, TEACHER_METHOD, self.teacher_seed, role=TEACHER,
                        teacher_checkpoint=self.teacher_checkpoint)
 
     def label(self) -> str:
-        if self.role == TEACHER:
-            return f"{self.setting} teacher seed {self.seed}"
-        return f"{self.setting} {self.method} seed {self.seed}"
+        what = "teacher" if self.role == TEACHER else self.method
+        arithmetic = "" if self.precision == FP32 else f" ({self.precision})"
+        return f"{self.setting} {what} seed {self.seed}{arithmetic}"

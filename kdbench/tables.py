@@ -273,6 +273,12 @@ def caption(summary: Summary, layout: Layout, mk: Markup) -> str:
                 "chosen on the test set)")
     percent = mk.escape("%")
     parts = [f"{metric} accuracy ({percent}) on {datasets}, students {trained}{recipe}, {when}."]
+    if "precision" in summary.runs:
+        arithmetic = set(summary.runs.loc[summary.runs["role"] != "teacher", "precision"].dropna())
+        if arithmetic == {"bf16"}:
+            parts.append("Students' networks in bf16 autocast (losses in fp32; teachers trained in fp32).")
+        elif arithmetic == {"fp32"}:
+            parts.append("Arithmetic: fp32.")
 
     if layout.ci:
         spread = (f"mean{mk.pm}half-width of the {summary.confidence:.0%} t confidence interval"

@@ -51,7 +51,6 @@ class NonFiniteLoss(RuntimeError):
 @dataclass(frozen=True)
 class TrainOptions:
     device: str | None = None  # None: CUDA when present, else CPU
-    precision: str | None = None  # "fp32" | "bf16"; None: bf16 on CUDA, fp32 on the CPU
     compile: bool = False
     data_dir: Path | None = None
     threads: int | None = None  # CPU threads for this run (several runs share a machine)
@@ -190,14 +189,17 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
     recipe = base_recipe.with_overrides(spec.overrides)
     device = pick_device(options)
     on_cuda = device.type == "cuda"
-    precision = options.precision or ("bf16" if on_cuda else "fp32")
+    precision = spec.precision  # part of the run's identity (kdbench.spec)
     if options.threads:
         torch.set_num_threads(options.threads)
     if on_cuda:
         # Fastest kernels for fixed shapes; determinism is promised on the CPU only.
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # No TF32: fp32 means fp32. The networks' speed comes from bf16 autocast; what runs
+        # outside it is the losses, whose Gram matrices, distances and decompositions (MHGD's
+        # eigh) need fp32's 24-bit mantissa, not TF32's 10 bits (cuDNN's default is TF32).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     # bf16 autocast covers the networks' forward passes only: the loss terms are computed
     # outside it from fp32 copies of the features (taps.as_float32).
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"

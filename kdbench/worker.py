@@ -8,9 +8,10 @@ rest of the grid goes on and a re-run retries exactly the failed runs.
 
 from __future__ import annotations
 
+
 import socket
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -42,8 +43,12 @@ def run_job(spec_json: dict[str, Any], results: str, options_json: dict[str, Any
 
     spec = RunSpec.from_json(spec_json)
     store = Store(Path(results))
-    options = TrainOptions(**{**(options_json or {}),
-                              "data_dir": Path(options_json["data_dir"]) if (options_json or {}).get("data_dir") else None})
+    given = options_json or {}
+    # Only the fields this version has: a job queued by an older one may carry others
+    # (precision, now part of its spec).
+    known = {field.name for field in fields(TrainOptions)}
+    options = TrainOptions(**{**{key: value for key, value in given.items() if key in known},
+                              "data_dir": Path(given["data_dir"]) if given.get("data_dir") else None})
     marker = running_marker(store, spec.id)
     write_atomically(marker, f"{socket.gethostname()} {os.getpid()}\n".encode())
     try:

@@ -42,11 +42,14 @@ STUDENTS = {
 
 def make_record(setting: str, method: str, seed: int, value: float | None, *,
                 role: str = "student", config: dict | None = None,
-                overrides: dict | None = None, epochs: int = 240) -> dict[str, Any]:
+                overrides: dict | None = None, epochs: int = 240,
+                precision: str = "fp32") -> dict[str, Any]:
     """A record in the format documented in kdbench/store.py; value None: a failed run."""
     spec = {"setting": setting, "method": method, "seed": seed, "role": role,
             "config": config or {}, "overrides": overrides or {}, "teacher_seed": 0,
             "teacher_checkpoint": None}
+    if precision != "fp32":  # kdbench.spec leaves fp32 out of the JSON
+        spec["precision"] = precision
     run_id = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     dataset, pair = setting.split("/")
     teacher, student = pair.split("-") if "-" in pair else ("wrn_16_2", "resnet8")
@@ -354,3 +357,32 @@ def test_aggregation_modules_import_no_torch() -> None:
             "assert not bad, bad")
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+# --- precision: bf16 runs are other experiments than fp32 ones --------------------------------
+
+def test_bf16_runs_never_share_a_cell_with_fp32_runs(tmp_path: Path) -> None:
+    """The same grid in fp32 and bf16 in one results directory: without --precision the two
+    Student experiments are refused (the reference must be one experiment); with it, each
+    table holds exactly its precision's runs, under the one fp32 teacher, and says so."""
+    from kdbench.tables import Layout, render_markdown
+
+    fp32 = {A: {"vanilla": [73.1, 73.3, 72.9], "kd": [74.9, 75.2, 74.7]}}
+    bf16 = {A: {"vanilla": [73.0, 73.4, 72.8], "kd": [75.1, 74.8, 74.6]}}
+    root = write_records(tmp_path / "results", fp32, {A: 75.61})
+    write_records(root, bf16, precision="bf16")
+    records = load_records(root)
+    with pytest.raises(UserError, match="different Student"):
+        summarize(records)
+    for precision, values in (("fp32", fp32), ("bf16", bf16)):
+        summary = summarize(records, precision=precision)
+        cells = summary.cells.set_index("row")
+        for method in ("vanilla", "kd"):
+            assert cells.loc[method, "mean"] == pytest.approx(np.mean(values[A][method]))
+            assert cells.loc[method, "n"] == 3
+        assert cells.loc["teacher", "mean"] == pytest.approx(75.61)
+        text = render_markdown(summary, Layout())
+        assert ("bf16 autocast" in text) == (precision == "bf16")
+        assert ("Arithmetic: fp32." in text) == (precision == "fp32")
+    with pytest.raises(UserError, match="no student runs made at precision bf16"):
+        summarize(load_records(write_records(tmp_path / "only-fp32", fp32, {A: 75.61})), precision="bf16")

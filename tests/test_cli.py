@@ -71,3 +71,16 @@ def test_list_shows_methods_with_papers(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "kd" in out and "Hinton" in out and "fashion_mnist/quick" in out
+
+
+def test_precision_makes_other_runs_under_the_same_fp32_teacher(grid_results, capsys):
+    """--precision bf16 on a results directory holding the fp32 grid: the fp32 runs do not count
+    as done (another experiment), the fp32 teacher does (teachers are fp32 at every precision)."""
+    args = ["run", "--setting", "synthetic/tiny", "--methods", "kd", "--seeds", "2",
+            "--results", str(grid_results), "--executor", "inprocess"]
+    assert main([*args, "--dry-run", "--precision", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "0 already stored, 4 to train" in out and "teacher" not in out.split("to train")[1]
+    assert out.count("(bf16)") == 4
+    assert main([*args, "--dry-run", "--precision", "fp32"]) == 0
+    assert "nothing to train" in capsys.readouterr().out

@@ -101,8 +101,11 @@ def finite_history(record: dict[str, Any]) -> bool:
 @pytest.fixture(scope="module")
 def kd_fp32_and_bf16(trained_tiny_teacher, tmp_path_factory):
     """The same KD spec trained in fp32 and in bf16 (on the small synthetic/tiny), the bf16 run
-    with spies on as_float32, KD.loss and KD.backward as train() calls them."""
+    with spies on as_float32, KD.loss and KD.backward as train() calls them. Precision is part
+    of the spec (two runs, two ids), and both distil from the same fp32 teacher."""
     spec = RunSpec(SETTING, "kd", 0, overrides=SHORT)
+    bf16_spec = dataclasses.replace(spec, precision="bf16")
+    assert bf16_spec.id != spec.id and bf16_spec.teacher_spec() == spec.teacher_spec()
     kd = registry.get("kd")
     seen: dict[str, list] = {"as_float32": [], "loss": [], "backward": []}
     original_loss, original_backward = kd.loss, kd.backward
@@ -127,12 +130,12 @@ def kd_fp32_and_bf16(trained_tiny_teacher, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(settings.SETTINGS, SETTING, dataclasses.replace(settings.get(SETTING), train_subset=SUBSET))
         fp32 = train(spec, Store(copy_results(trained_tiny_teacher, root / "fp32")),
-                     TrainOptions(device="cpu", precision="fp32"))
+                     TrainOptions(device="cpu"))
         mp.setattr(kdbench.train, "as_float32", spy_as_float32)
         mp.setattr(kd, "loss", spy_loss)
         mp.setattr(kd, "backward", spy_backward)
-        bf16 = train(spec, Store(copy_results(trained_tiny_teacher, root / "bf16")),
-                     TrainOptions(device="cpu", precision="bf16"))
+        bf16 = train(bf16_spec, Store(copy_results(trained_tiny_teacher, root / "bf16")),
+                     TrainOptions(device="cpu"))
     return fp32, bf16, seen
 
 
@@ -313,8 +316,8 @@ def test_compile_gives_the_eager_history_on_the_cpu(small_tiny, results_with_tea
     forward hooks on stage modules (the taps) inside the compiled graphs."""
     spec = RunSpec(SETTING, "at", 0, overrides={"epochs": 1})
     eager = train(spec, Store(copy_results(results_with_teacher, tmp_path / "eager")),
-                  TrainOptions(device="cpu", precision="fp32"))
-    compiled = train(spec, Store(results_with_teacher), TrainOptions(device="cpu", precision="fp32", compile=True))
+                  TrainOptions(device="cpu"))
+    compiled = train(spec, Store(results_with_teacher), TrainOptions(device="cpu", compile=True))
     assert compiled["status"] == "done" and finite_history(compiled)
     for a, b in zip(eager["history"], compiled["history"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
@@ -337,14 +340,26 @@ def cuda_flags():
 
 
 @cuda_only
-@pytest.mark.parametrize("precision", [None, "fp32", "bf16"])
-def test_cuda_runs_in_each_precision_bf16_by_default(precision, results_with_teacher, cuda_flags):
-    record = train(RunSpec(SETTING, "kd", 0, overrides={"epochs": 1}), Store(results_with_teacher),
-                   TrainOptions(device="cuda", precision=precision))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_runs_in_each_precision(precision, results_with_teacher, cuda_flags):
+    record = train(RunSpec(SETTING, "kd", 0, overrides={"epochs": 1}, precision=precision),
+                   Store(results_with_teacher), TrainOptions(device="cuda"))
     assert record["status"] == "done" and finite_history(record)
     assert record["provenance"]["device"].startswith("cuda")
-    assert record["provenance"]["precision"] == (precision or "bf16")
+    assert record["provenance"]["precision"] == precision
     assert torch.backends.cudnn.benchmark
+    # fp32 means fp32: no TF32 in the losses' matrix products or in convolutions outside autocast.
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+
+
+@cuda_only
+def test_the_cli_defaults_to_bf16_where_cuda_is(results_with_teacher):
+    from kdbench.cli import build_parser, grid_from_args
+
+    args = build_parser().parse_args(["run", "--setting", SETTING, "--methods", "kd", "--seeds", "1",
+                                      "--results", str(results_with_teacher)])
+    grid, _ = grid_from_args(args, creating=False)
+    assert grid.precision == "bf16" and all(spec.precision == "bf16" for spec in grid.students())
 
 
 @cuda_only
@@ -427,7 +442,8 @@ def test_the_hot_loop_does_not_synchronise_on_cuda(name, results_with_teacher, c
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            record = train(RunSpec(SETTING, name, 0, overrides={"epochs": 1}), Store(results_with_teacher),
+            record = train(RunSpec(SETTING, name, 0, overrides={"epochs": 1}, precision="bf16"),
+                           Store(results_with_teacher),
                            TrainOptions(device="cuda"))
         finally:
             torch.cuda.set_sync_debug_mode("default")
@@ -438,7 +454,7 @@ def test_the_hot_loop_does_not_synchronise_on_cuda(name, results_with_teacher, c
 
 @cuda_only
 def test_compile_runs_on_cuda(results_with_teacher, cuda_flags):
-    record = train(RunSpec(SETTING, "at", 0, overrides={"epochs": 1}), Store(results_with_teacher),
-                   TrainOptions(device="cuda", compile=True))
+    record = train(RunSpec(SETTING, "at", 0, overrides={"epochs": 1}, precision="bf16"),
+                   Store(results_with_teacher), TrainOptions(device="cuda", compile=True))
     assert record["status"] == "done" and finite_history(record)
     assert record["provenance"]["precision"] == "bf16"

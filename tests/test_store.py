@@ -43,3 +43,23 @@ def test_spec_id_is_stable_and_changes_with_any_override():
     assert a.id != RunSpec("synthetic/tiny", "kd", 0, config={"temperature": 2.0},
                            overrides={"epochs": 1}).id
     assert a.teacher_spec().role == "teacher" and a.teacher_spec().seed == 0
+
+
+def test_precision_is_part_of_the_id_and_fp32_ids_are_unchanged():
+    """fp32 (the default) is left out of the JSON, so every id made before precision existed
+    still finds its record; bf16 is another run, distilled from the same fp32 teacher."""
+    import hashlib
+    import json
+
+    fp32 = RunSpec("synthetic/tiny", "kd", 0)
+    legacy = {"setting": "synthetic/tiny", "method": "kd", "seed": 0, "role": "student", "config": {},
+              "overrides": {}, "teacher_seed": 0, "teacher_checkpoint": None}
+    canonical = json.dumps(legacy, sort_keys=True, separators=(",", ":"))
+    assert fp32.to_json() == legacy
+    assert fp32.id == hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    bf16 = RunSpec("synthetic/tiny", "kd", 0, precision="bf16")
+    assert bf16.id != fp32.id and RunSpec.from_json(bf16.to_json()) == bf16
+    assert bf16.teacher_spec() == fp32.teacher_spec() and bf16.teacher_spec().precision == "fp32"
+    assert "(bf16)" in bf16.label() and "bf16" not in fp32.label()
+    with pytest.raises(ValueError, match="precision"):
+        RunSpec("synthetic/tiny", "kd", 0, precision="fp16")
