@@ -4,6 +4,7 @@ user who launched the CIFAR default on a laptop knows within seconds that it mea
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -13,11 +14,14 @@ import torch.nn.functional as F
 from kdbench.data import DATASET_SHAPES, DATASET_SIZES
 from kdbench.models import build_model
 from kdbench.settings import QUICK_SETTING, Setting
-from kdbench.spec import RunSpec
+from kdbench.spec import BF16, FP32, RunSpec
 
 
-def seconds_per_step(arch: str, teacher_arch: str | None, setting: Setting, batch_size: int) -> float:
-    """One SGD step of ``arch`` (plus a forward of ``teacher_arch``), timed after a warm-up."""
+def seconds_per_step(arch: str, teacher_arch: str | None, setting: Setting, batch_size: int,
+                     precision: str = FP32) -> float:
+    """One SGD step of ``arch`` (plus a forward of ``teacher_arch``), timed after a warm-up, with
+    the networks under bf16 autocast for a bf16 run (on a CPU without bf16 instructions that is
+    several times slower than fp32, which is what a user asking for it must be told)."""
     channels, classes = DATASET_SHAPES[setting.dataset]
     _, size = DATASET_SIZES[setting.dataset]
     model = build_model(arch, classes, channels)
@@ -25,13 +29,17 @@ def seconds_per_step(arch: str, teacher_arch: str | None, setting: Setting, batc
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     images = torch.randn(batch_size, channels, size, size)
     labels = torch.randint(0, classes, (batch_size,))
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == BF16
+                else contextlib.nullcontext())
     timings = []
     for _ in range(3):
         started = time.perf_counter()
-        if teacher is not None:
-            with torch.no_grad():
-                teacher(images)
-        loss = F.cross_entropy(model(images), labels)
+        with autocast:
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher(images)
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -57,8 +65,10 @@ def cpu_cost_warning(teachers: list[RunSpec], students: list[RunSpec], chosen: l
             if mine:
                 recipe = setting.recipe.with_overrides(mine[0].overrides)
                 steps = recipe.epochs * math.ceil(n_train / recipe.batch_size)
-                total += len(mine) * steps * seconds_per_step(
-                    setting.student, setting.teacher, setting, recipe.batch_size)
+                for precision in sorted({spec.precision for spec in mine}):
+                    runs = sum(spec.precision == precision for spec in mine)
+                    total += runs * steps * seconds_per_step(
+                        setting.student, setting.teacher, setting, recipe.batch_size, precision)
     finally:
         torch.set_num_threads(threads)
     hours = total / jobs / 3600
