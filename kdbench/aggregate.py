@@ -47,6 +47,7 @@ import pandas as pd
 from scipy import stats
 
 from kdbench.errors import UserError
+from kdbench.spec import record_precision
 
 # Row keys. The Teacher and Student rows use the spec's own vocabulary: a teacher record has
 # role "teacher"; the student trained alone is method "vanilla" (kdbench.spec, specs/methods.md).
@@ -232,8 +233,7 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             "error": _error_text(error),
             "git_commit": provenance.get("git_commit"),
             "finished_at": provenance.get("finished_at"),
-            # Absent from specs made in fp32 (kdbench.spec: fp32 is left out of the JSON).
-            "precision": spec.get("precision", "fp32"),
+            "precision": record_precision(record),
         })
     columns = ["run_id", "status", "setting", "dataset", "teacher_arch", "student_arch",
                "recipe_source", "role", "method", "seed", "variant", "epochs", *METRICS,

@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdbench.spec import FP32, STUDENT, RunSpec
+from kdbench.spec import FP32, STUDENT, RunSpec, record_precision
 from kdbench.store import CorruptRecord, Store
 
 BASELINE = "vanilla"  # the "Student" row every table needs
@@ -77,6 +77,10 @@ def state_of(spec: RunSpec, store: Store) -> RunState:
         record = store.read(spec.id)
     except CorruptRecord as error:
         return RunState(spec, "missing", str(error))
+    if record is not None and record_precision(record) != spec.precision:
+        # A bf16 run made on CUDA before precision entered the spec has this fp32 spec's id:
+        # it is another experiment, so this one is still to run (and replaces that record).
+        return RunState(spec, "missing", f"the stored record was made at {record_precision(record)}")
     if record is not None and record["status"] == "done":
         return RunState(spec, "done", record=record)
     if is_running(store, spec.id):

@@ -66,3 +66,11 @@ class RunSpec:
         what = "teacher" if self.role == TEACHER else self.method
         arithmetic = "" if self.precision == FP32 else f" ({self.precision})"
         return f"{self.setting} {what} seed {self.seed}{arithmetic}"
+
+
+def record_precision(record: dict[str, Any]) -> str:
+    """The precision a record's run was made at: its spec's (kdbench.spec leaves fp32 out of
+    the JSON), else what its provenance says — a run made on CUDA before precision entered the
+    spec was bf16 with an fp32-looking spec."""
+    spec = record.get("spec") or {}
+    return spec.get("precision") or (record.get("provenance") or {}).get("precision") or "fp32"

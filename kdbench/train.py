@@ -196,8 +196,8 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
         # Fastest kernels for fixed shapes; determinism is promised on the CPU only.
         torch.backends.cudnn.benchmark = True
         # No TF32: fp32 means fp32. The networks' speed comes from bf16 autocast; what runs
-        # outside it is the losses, whose Gram matrices, distances and decompositions (MHGD's
-        # eigh) need fp32's 24-bit mantissa, not TF32's 10 bits (cuDNN's default is TF32).
+        # outside it is the losses, whose Gram matrices, distances and eigendecompositions
+        # need fp32's 24-bit mantissa, not TF32's 10 bits (cuDNN's default is TF32).
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     # bf16 autocast covers the networks' forward passes only: the loss terms are computed

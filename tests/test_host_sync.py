@@ -39,6 +39,9 @@ def test_each_kind_of_sync_is_found_with_its_line_of_code():
         torch.linalg.eigh(x.T @ x)  # eigh
         x.tolist()  # tolist
         torch.linalg.inv(x.T @ x + torch.eye(4))  # inv
+        x.to("cpu")  # to-cpu
+        torch.tensor(0.5, device=x.device)  # from-host
+        torch.linalg.pinv(x)  # pinv
     where = [(sync.op, int(sync.where.split(":")[1].split()[0])) for sync in found]
     assert where == [
         ("aten._local_scalar_dense", line_of("item")),
@@ -47,6 +50,9 @@ def test_each_kind_of_sync_is_found_with_its_line_of_code():
         ("aten._linalg_eigh", line_of("eigh")),
         ("Tensor.tolist", line_of("tolist")),
         ("aten._linalg_check_errors", line_of("inv")),
+        ("Tensor.to", line_of("to-cpu")),
+        ("torch.tensor", line_of("from-host")),
+        ("aten.linalg_pinv", line_of("pinv")),
     ]
     assert found[2].why == BOOLEAN_INDEX
     assert all(sync.where.startswith(__file__) for sync in found)
@@ -62,20 +68,42 @@ def test_the_same_values_without_a_sync_are_not_reported():
         torch.linalg.cholesky_ex(x.T @ x + torch.eye(4))  # _ex: the error code stays on the device
         torch.repeat_interleave(torch.tensor([1, 2]), torch.tensor([2, 1]), output_size=3)
         x.argmax(dim=1)
+        filled = x.clone()
+        filled[x < 0] = 0.0  # a scalar into a mask: ATen's masked_fill_, no nonzero()
+        x.to(torch.float64)  # a dtype, not a device
+        torch.tensor([1.0, 2.0], device="cpu")  # a host tensor, asked for as one
     assert found == []
     assert torch.allclose(masked_mean, x[x > 0].mean())
 
 
-def test_the_tensor_methods_are_restored_even_when_the_block_raises():
-    original = torch.Tensor.cpu
+def test_the_wrapped_functions_are_restored_even_when_the_block_raises():
+    originals = (torch.Tensor.cpu, torch.Tensor.to, torch.tensor)
     with pytest.raises(RuntimeError, match="inside"):
         with host_syncs():
             raise RuntimeError("inside")
-    assert torch.Tensor.cpu is original and "cpu" not in torch.Tensor.__dict__
+    assert (torch.Tensor.cpu, torch.Tensor.to, torch.tensor) == originals
+    assert "cpu" not in torch.Tensor.__dict__ and "to" not in torch.Tensor.__dict__
     with host_syncs() as found:
         pass
     torch.ones(2).tolist()  # outside the block: not recorded
     assert found == []
+
+
+def test_nested_blocks_both_record_and_other_threads_are_not_recorded():
+    import threading
+
+    x = torch.randn(3)
+    with host_syncs() as outer:
+        with host_syncs() as inner:
+            x.tolist()
+            x.sum().item()
+        x.cpu()  # the outer block still records after the inner one closed
+        worker = threading.Thread(target=lambda: (x.cpu(), x.sum().item()))
+        worker.start()
+        worker.join()
+    assert [sync.op for sync in inner] == ["Tensor.tolist", "aten._local_scalar_dense"]
+    assert [sync.op for sync in outer] == ["Tensor.tolist", "aten._local_scalar_dense", "Tensor.cpu"]
+    assert "tolist" not in torch.Tensor.__dict__
 
 
 def test_every_listed_operation_is_a_name_a_method_may_declare():

@@ -6,7 +6,7 @@ The step is test_method_overhead's ``main_step`` (the engine's pieces in train.p
 taps, teacher under no_grad, CE × ce_weight, the method's loss and gradient rule, SGD), run with
 the choices train.py makes on the device: on CUDA channels_last networks and batches, bf16
 autocast around the networks' forward passes only (losses in fp32 from ``as_float32``),
-cuDNN benchmark and TF32; on the CPU fp32. The batch is fixed random CIFAR-shaped data (32 px,
+cuDNN benchmark, no TF32 (as train.py); on the CPU fp32. The batch is fixed random CIFAR-shaped data (32 px,
 100 classes): the data pipeline is test_data_pipeline's, and the loop's per-step device-side
 bookkeeping and per-epoch checkpoint are the framework benchmark's, so neither is in these
 figures.
@@ -97,8 +97,8 @@ class UnderAutocast(nn.Module):
             return self.model(images)
 
 
-def as_run(model: nn.Module | None) -> nn.Module | None:
-    return UnderAutocast(model) if model is not None and PRECISION == "bf16" else model
+def as_run(model: nn.Module | None, precision: str = PRECISION) -> nn.Module | None:
+    return UnderAutocast(model) if model is not None and precision == "bf16" else model
 
 
 def random_batch(batch_size: int) -> Batch:
@@ -126,7 +126,7 @@ class Trainee:
 
 
 def build_trainee(method_name: str, teacher_arch: str | None, student_arch: str,
-                  batch_size: int) -> Trainee:
+                  batch_size: int, precision: str = PRECISION) -> Trainee:
     method_class = registered_method(method_name)
     torch.manual_seed(0)
     batch = random_batch(batch_size)
@@ -150,7 +150,7 @@ def build_trainee(method_name: str, teacher_arch: str | None, student_arch: str,
                         pretrain_epochs=sum(stage.epochs for stage in stages))
     student_parameters = list(student.parameters())
     optimizer = build_optimizer(student_parameters + iter_parameters(method.trainable_modules()), RECIPE)
-    run_student, run_teacher = as_run(student), as_run(teacher)
+    run_student, run_teacher = as_run(student, precision), as_run(teacher, precision)
     trainee = Trainee(method, batch_size, main_step(
         method, run_student, run_teacher, student_taps, teacher_taps, student_parameters,
         optimizer, batch, progress))
@@ -165,9 +165,9 @@ def build_trainee(method_name: str, teacher_arch: str | None, student_arch: str,
     return trainee
 
 
-def eval_step(arch: str, batch_size: int) -> Callable[[], Tensor]:
+def eval_step(arch: str, batch_size: int, precision: str = PRECISION) -> Callable[[], Tensor]:
     """One test batch as train.evaluate takes it: eval mode, no_grad, autocast, top-5."""
-    model = as_run(network(arch))
+    model = as_run(network(arch), precision)
     images = random_batch(batch_size).images
 
     @torch.no_grad()
@@ -394,8 +394,8 @@ def cuda_fast_settings():
     saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
              torch.backends.cudnn.allow_tf32)
     torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = False  # as train.py: fp32 means fp32
+    torch.backends.cudnn.allow_tf32 = False
     yield
     (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
      torch.backends.cudnn.allow_tf32) = saved
@@ -436,11 +436,12 @@ def test_table_time(benchmark, report) -> None:
 
     # The teacher's own run: wrn_40_2 trained alone (the Student-row step on the teacher's
     # architecture), through pytest-benchmark.
-    teacher_run = build_trainee(STUDENT_ALONE, None, teacher_arch, batch_size)
+    # Teachers are trained in fp32 at every precision (kdbench.spec.RunSpec.teacher_spec).
+    teacher_run = build_trainee(STUDENT_ALONE, None, teacher_arch, batch_size, precision="fp32")
     teacher_rate = measure(teacher_run.main, batch_size, measured, benchmark.pedantic)
     assert_finite("teacher", teacher_rate.outputs)
     del teacher_run
-    teacher_eval = measure(eval_step(teacher_arch, eval_batch), eval_batch, measured)
+    teacher_eval = measure(eval_step(teacher_arch, eval_batch, precision="fp32"), eval_batch, measured)
     student_eval = measure(eval_step(student_arch, eval_batch), eval_batch, measured)
     teacher_seconds = (RECIPE.epochs * NUM_TRAIN / teacher_rate.images_per_second
                        + eval_images / teacher_eval.images_per_second)
