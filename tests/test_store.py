@@ -63,3 +63,20 @@ def test_precision_is_part_of_the_id_and_fp32_ids_are_unchanged():
     assert "(bf16)" in bf16.label() and "bf16" not in fp32.label()
     with pytest.raises(ValueError, match="precision"):
         RunSpec("synthetic/tiny", "kd", 0, precision="fp16")
+
+
+def test_a_record_whose_provenance_says_bf16_is_not_an_fp32_result(tmp_path):
+    """Before precision entered the spec, a CUDA run was bf16 under an fp32-looking spec: the
+    fp32 grid must train its own run, and tables must count that record as bf16."""
+    from kdbench.grid import state_of
+    from kdbench.spec import record_precision
+
+    store = Store(tmp_path)
+    spec = RunSpec("synthetic/tiny", "kd", 0)
+    old_gpu_run = {**record(spec), "provenance": {"precision": "bf16", "device": "cuda:0"}}
+    store.write(old_gpu_run)
+    assert record_precision(old_gpu_run) == "bf16"
+    state = state_of(spec, store)
+    assert state.state == "missing" and "bf16" in state.error
+    store.write({**record(spec), "provenance": {"precision": "fp32", "device": "cpu"}})
+    assert state_of(spec, store).state == "done"
