@@ -6,8 +6,8 @@ A preset is a small TOML file (see slurm/README.md for every field); ``--slurm N
 Everything here is checked before anything is submitted: a preset that does not parse, an
 unknown field or a value of the wrong type is a ``UserError`` naming the file and the problem.
 
-Parsed with tomllib and plain dataclasses; no submitit here (launch.py maps a preset onto
-submitit's parameters), so the checks run on a laptop without SLURM.
+Parsed with tomllib and plain dataclasses; no submitit here (kdbench/slurm.py maps a preset
+onto submitit's parameters), so the checks run on a laptop without SLURM.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def with_slurm(states: list[RunState], store: Store, results: Path) -> tuple[lis
     SLURM could not be asked."""
     if not (results / "slurm" / "jobs").is_dir():
         return states, None  # nothing was sent to SLURM from here
-    from kdbench.launch import phase_of, read_submissions, slurm_states, store_slurm_failure
+    from kdbench.slurm import phase_of, read_submissions, slurm_states, store_slurm_failure
 
     submissions = read_submissions(results)
     asked = [submissions[s.spec.id] for s in states if s.state != "done" and s.spec.id in submissions]
@@ -98,7 +98,7 @@ def print_status(args: argparse.Namespace) -> int:
         states = stored_states(store) if store.runs_dir.is_dir() else []
         known = {state.spec.id for state in states}
         if jobs_dir.is_dir():
-            from kdbench.launch import read_submissions
+            from kdbench.slurm import read_submissions
 
             for submission in read_submissions(results).values():
                 if submission.run_id not in known:

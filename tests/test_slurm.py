@@ -117,7 +117,7 @@ def test_runs_per_gpu_sets_runs_per_task_of_a_gpu_preset():
 
 
 def test_a_requeued_task_resubmits_its_whole_group():
-    from kdbench.launch import SlurmTask
+    from kdbench.slurm import SlurmTask
 
     group = [{"seed": 0}, {"seed": 1}]
     options = {"threads": 2}
@@ -496,7 +496,8 @@ def test_no_wait_then_status_then_table_with_tasks_that_died_without_a_record(re
 
     if snapshot:  # the jobs ran the copy, which has the code as it was at submission
         [copy] = (results / "slurm" / "snapshots").iterdir()
-        assert (copy / "kdbench" / "launch.py").read_text() == (REPO / "kdbench" / "launch.py").read_text()
+        for module in ("launch.py", "slurm.py"):
+            assert (copy / "kdbench" / module).read_text() == (REPO / "kdbench" / module).read_text()
         log = (results / "slurm" / "logs" / f"{run['vanilla', 0][1]}_0_log.out").read_text()
         assert f"code from {copy / 'kdbench'}" in log, log
 

@@ -18,15 +18,12 @@
 # 5 Student runs and the teacher) stands in for it.
 #
 # Before the call, once, in the checkout's root on the machine without a GPU:
-#   for d in /.fmnist/ /.whl/; do grep -qxF "$d" .git/info/exclude || echo "$d" >> .git/info/exclude; done
+#   grep -qxF /.fmnist/ .git/info/exclude || echo /.fmnist/ >> .git/info/exclude
 #   mkdir -p .fmnist && cp /usr/share/datasets/fashion-mnist/*-ubyte.gz .fmnist/
-#   mkdir -p .whl && python3 -m pip download --no-deps --only-binary=:all: -d .whl submitit==1.5.4
-# (.fmnist: the device machine has no /usr/share/datasets and no network; .whl: it has no
-# submitit, which kdbench/launch.py imports at module level, so `kdbench run` fails without it
-# even with --executor local or inprocess. Without the wheel this script puts a stand-in module
-# on PYTHONPATH that satisfies launch.py's import only; the local executor never calls it.)
+# (the device machine has no /usr/share/datasets and no network). It needs no submitit: only
+# --executor slurm imports it (kdbench/slurm.py), and nothing here uses SLURM.
 # Then call the device tool with
-#   command: bash tests/benchmarks/gpu-check.sh     carry: [".fmnist", ".whl"]     timeout_s: 600
+#   command: bash tests/benchmarks/gpu-check.sh     carry: [".fmnist"]     timeout_s: 600
 #
 # GPU_CHECK_SMOKE=1 runs the same steps small on any machine (CPU included): synthetic/tiny
 # instead of Fashion-MNIST, 2 seeds, --jobs 2 instead of --runs-per-gpu, the throughput
@@ -77,7 +74,7 @@ if [[ "$SMOKE" != 1 && "$HAS_CUDA" != 1 ]]; then
 fi
 echo "smoke=$SMOKE budget=${BUDGET}s out=$OUT work=$WORK"
 
-section "kdbench installed (entry points) and submitit"
+section "kdbench installed (entry points)"
 if ! "$PYTHON" -c "import importlib.metadata as m; m.distribution('kdbench')" 2>/dev/null; then
     # No network there: no dependencies, no build isolation (setuptools is installed).
     if "$PYTHON" -m pip install -q --no-deps --no-build-isolation --no-index -e .; then
@@ -90,35 +87,8 @@ if ! "$PYTHON" -c "import importlib.metadata as m; m.distribution('kdbench')" 2>
     fi
 fi
 "$PYTHON" -c "import kdbench.cli" && note "import kdbench.cli" "ok" || note "import kdbench.cli" "FAILED"
-if ! "$PYTHON" -c "import submitit" 2>/dev/null; then
-    wheel=$(ls .whl/submitit-*.whl 2>/dev/null | head -1)
-    if [[ -n "$wheel" ]]; then
-        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$wheel"
-        export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
-        note submitit "missing; installed from the carried $wheel"
-    else
-        # launch.py needs submitit.helpers.Checkpointable at import time only; the local and
-        # in-process executors never call submitit. Anything SLURM fails loudly.
-        mkdir -p "$WORK/stub/submitit"
-        cat > "$WORK/stub/submitit/__init__.py" <<'EOF'
-"""Stand-in written by tests/benchmarks/gpu-check.sh: submitit is not installed here."""
-from types import SimpleNamespace
-
-
-class Checkpointable:
-    pass
-
-
-def _missing(*args, **kwargs):
-    raise RuntimeError("submitit is not installed (gpu-check.sh stand-in): no SLURM here")
-
-
-helpers = SimpleNamespace(Checkpointable=Checkpointable, DelayedSubmission=_missing)
-EOF
-        export PYTHONPATH="$WORK/stub${PYTHONPATH:+:$PYTHONPATH}"
-        note submitit "MISSING and no .whl/submitit-*.whl carried: a stand-in satisfies launch.py's import"
-    fi
-fi
+"$PYTHON" -c "import submitit" 2>/dev/null && note submitit "installed" \
+    || note submitit "not installed (only --executor slurm needs it)"
 "$PYTHON" -c "import kdbench.launch" && note "import kdbench.launch" "ok" || note "import kdbench.launch" "FAILED"
 "$PYTHON" -m kdbench list
 
