@@ -15,10 +15,12 @@ memory and shows in the next status too.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections import Counter, defaultdict
 from pathlib import Path
+
 from kdbench.grid import RunState, state_of
-from kdbench.spec import TEACHER, RunSpec
+from kdbench.spec import FP32, PRECISIONS, TEACHER, RunSpec
 from kdbench.store import Store
 
 STATES = ("done", "failed", "running", "pending", "missing")
@@ -82,6 +84,31 @@ def with_slurm(states: list[RunState], store: Store, results: Path) -> tuple[lis
     return updated, None
 
 
+def grid_states(grid, store: Store, precision_given: bool) -> list[RunState]:
+    """States of the grid's runs. Without --precision, `status` cannot know where `run` trained
+    (a SLURM preset's GPUs, another machine's CUDA): it shows the grid at every precision the
+    store or SLURM knows runs of, and at this machine's default when there are none."""
+    def states_at(precision: str) -> list[RunState]:
+        chosen = dataclasses.replace(grid, precision=precision)
+        return [state_of(spec, store) for spec in chosen.teachers() + chosen.students()]
+
+    if precision_given:
+        return states_at(grid.precision)
+    submitted: set[str] = set()
+    if (store.root / "slurm" / "jobs").is_dir():
+        from kdbench.slurm import read_submissions
+
+        submitted = set(read_submissions(store.root))
+    found = {precision: states_at(precision) for precision in PRECISIONS}
+    known = [precision for precision, states in found.items()
+             if any(state.state != "missing" or state.spec.id in submitted
+                    for state in states if state.spec.role != TEACHER)]
+    states: dict[str, RunState] = {}  # one teacher serves every precision: listed once
+    for precision in known or [grid.precision]:
+        states.update({state.spec.id: state for state in found[precision]})
+    return list(states.values())
+
+
 def print_status(args: argparse.Namespace) -> int:
     from kdbench.cli import grid_from_args
     from kdbench.errors import UserError
@@ -90,7 +117,7 @@ def print_status(args: argparse.Namespace) -> int:
     store = Store(results)
     if args.methods or args.setting or args.seeds or args.seed_list:
         grid, _ = grid_from_args(args, creating=False)
-        states = [state_of(spec, store) for spec in grid.teachers() + grid.students()]
+        states = grid_states(grid, store, precision_given=args.precision is not None)
     else:
         jobs_dir = results / "slurm" / "jobs"
         if not store.runs_dir.is_dir() and not jobs_dir.is_dir():
@@ -108,11 +135,14 @@ def print_status(args: argparse.Namespace) -> int:
     table: dict[tuple[str, str], Counter] = defaultdict(Counter)
     for state in states:
         row = "teacher" if state.spec.role == TEACHER else state.spec.method
+        if state.spec.precision != FP32:
+            row += f" ({state.spec.precision})"
         table[(state.spec.setting, row)][state.state] += 1
     width = max([len(setting) for setting, _ in table] + [7])
-    print(f"{'setting':<{width}}  {'method':<10} " + " ".join(f"{s:>8}" for s in STATES))
+    row_width = max([len(row) for _, row in table] + [10])
+    print(f"{'setting':<{width}}  {'method':<{row_width}} " + " ".join(f"{s:>8}" for s in STATES))
     for (setting, row), counts in table.items():
-        print(f"{setting:<{width}}  {row:<10} " + " ".join(f"{counts[s]:>8}" for s in STATES))
+        print(f"{setting:<{width}}  {row:<{row_width}} " + " ".join(f"{counts[s]:>8}" for s in STATES))
     for kind in ("running", "pending"):
         listed = [state for state in states if state.state == kind]
         for state in listed[:LISTED]:

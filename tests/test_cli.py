@@ -84,3 +84,24 @@ def test_precision_makes_other_runs_under_the_same_fp32_teacher(grid_results, ca
     assert out.count("(bf16)") == 4
     assert main([*args, "--dry-run", "--precision", "fp32"]) == 0
     assert "nothing to train" in capsys.readouterr().out
+
+
+def test_status_without_precision_shows_every_precision_the_store_holds(grid_results, tmp_path, capsys):
+    from kdbench.spec import RunSpec
+    from kdbench.store import Store
+
+    results = tmp_path / "results"
+    shutil.copytree(grid_results, results)
+    bf16 = RunSpec("synthetic/tiny", "kd", 0, precision="bf16")
+    Store(results).write({"id": bf16.id, "status": "done", "spec": bf16.to_json(),
+                          "metrics": {"top1_last": 50.0}, "provenance": {"precision": "bf16"}})
+    status = ["status", "--setting", "synthetic/tiny", "--methods", "kd", "--seeds", "2",
+              "--results", str(results)]
+    assert main(status) == 0
+    rows = {line.split()[1] + (" " + line.split()[2] if "(" in line else ""): line.split()[-5:]
+            for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["kd"] == ["2", "0", "0", "0", "0"]  # the fp32 grid: both seeds done
+    assert rows["kd (bf16)"] == ["1", "0", "0", "0", "1"]  # bf16: seed 0 stored, seed 1 missing
+    assert rows["teacher"] == ["1", "0", "0", "0", "0"]  # one fp32 teacher, listed once
+    assert main([*status, "--precision", "fp32"]) == 0
+    assert "bf16" not in capsys.readouterr().out
