@@ -10,7 +10,7 @@
 #                          is left; lines already printed stay in the log if it is cut short)
 #   fmnist-tables.md       Fashion-MNIST quick, KD, 5 seeds, bf16 and fp32 tables, and the
 #                          bf16-vs-fp32 comparison (|mean difference| against one std)
-#   results.tar.gz         both results directories' run records (runs/*.json)
+#   results.tar.gz         the run records of both precisions (runs/*.json)
 #
 # The 5 x 5 wrn_40_2 -> wrn_16_2 table's time: one real CIFAR-100 epoch cannot run there (no
 # network, so no CIFAR-100); test_table_time's extrapolation from the measured step rates (all
@@ -28,8 +28,8 @@
 # GPU_CHECK_SMOKE=1 runs the same steps small on any machine (CPU included): synthetic/tiny
 # instead of Fashion-MNIST, 2 seeds, --jobs 2 instead of --runs-per-gpu, the throughput
 # benchmark with --benchmark-disable (one step per case), and the bf16 run only as --dry-run
-# (bf16 on a CPU without bf16 instructions is ~25x slower; the comparison then sets fp32 against
-# itself).
+# (bf16 on a CPU without bf16 instructions is ~17-25x slower; the comparison then has no bf16
+# rows).
 set -u -o pipefail
 
 OUT="${OUT:-./gpu-out}"
@@ -125,24 +125,23 @@ fi
 TABLES="$OUT/fmnist-tables.md"
 : > "$TABLES"
 if [[ "$SMOKE" == 1 || ${#DATA[@]} -gt 0 ]]; then
-    BF16_RESULTS="$WORK/results-bf16"
-    for precision in bf16 fp32; do
+    # One results directory: precision is part of each run's id, so the fp32 and the bf16 runs
+    # are stored side by side and distil from the same fp32 teacher (trained once, first).
+    RESULTS="$WORK/results"
+    for precision in fp32 bf16; do
         EXTRA=()
         if [[ "$SMOKE" == 1 && "$precision" == bf16 ]]; then
-            # bf16 on a CPU without AVX512-BF16 runs ~25x slower than fp32 (measured on the
-            # 2-core VM): the smoke run only checks that the command and its flags are accepted,
-            # and compares fp32 with itself.
-            EXTRA=(--dry-run) BF16_RESULTS="$WORK/results-fp32"
+            # bf16 on a CPU without AVX512-BF16 runs ~17-25x slower than fp32 (measured on the
+            # 2-core VM): the smoke run only checks that the command and its flags are accepted.
+            EXTRA=(--dry-run)
         fi
         run_step "kdbench run $precision" 150 "$PYTHON" -m kdbench run --setting "$SETTING" --methods kd \
             --seeds "$SEEDS" --executor local "${INFLIGHT[@]}" --precision "$precision" "${DATA[@]}" \
-            --results "$WORK/results-$precision" --no-table "${EXTRA[@]}"
-        if [[ -d "$WORK/results-$precision/runs" ]]; then
-            { echo "## $SETTING, $precision"; echo
-              "$PYTHON" -m kdbench table --results "$WORK/results-$precision"; echo; } >> "$TABLES"
-        fi
+            --results "$RESULTS" --no-table "${EXTRA[@]}"
+        { echo "## $SETTING, $precision"; echo
+          "$PYTHON" -m kdbench table --results "$RESULTS" --precision "$precision"; echo; } >> "$TABLES"
     done
-    "$PYTHON" - "$BF16_RESULTS" "$WORK/results-fp32" "$SETTING" >> "$TABLES" <<'EOF'
+    "$PYTHON" - "$RESULTS" "$SETTING" >> "$TABLES" <<'EOF'
 """bf16 against fp32: per row, mean ± sample std of top-1 (last epoch), the difference of the
 means against one std (fp32's, the reference, and the larger of the two), Welch's t-test."""
 import statistics
@@ -150,23 +149,17 @@ import sys
 
 from scipy import stats
 
+from kdbench.spec import record_precision
 from kdbench.store import load_records
 
-bf16_dir, fp32_dir, setting = sys.argv[1:]
-
-
-def top1(directory):
-    found = {}
-    for record in load_records(directory):
-        spec = record["spec"]
-        if record["status"] == "done" and spec["setting"] == setting:
-            row = "teacher" if spec["role"] == "teacher" else spec["method"]
-            found.setdefault(row, []).append(record["metrics"]["top1_last"])
-    return found
-
-
-bf16, fp32 = top1(bf16_dir), top1(fp32_dir)
-print("## bf16 vs fp32 (top-1 %, last epoch; each precision trains its own teacher)\n")
+results, setting = sys.argv[1:]
+top1 = {"bf16": {}, "fp32": {}}
+for record in load_records(results):
+    spec = record["spec"]
+    if record["status"] == "done" and spec["setting"] == setting and spec["role"] != "teacher":
+        top1[record_precision(record)].setdefault(spec["method"], []).append(record["metrics"]["top1_last"])
+bf16, fp32 = top1["bf16"], top1["fp32"]
+print("## bf16 vs fp32 (top-1 %, last epoch; students only, one fp32 teacher for both)\n")
 print("| row | bf16 | fp32 | bf16 - fp32 | within fp32's std | within the larger std | Welch p |")
 print("|---|---|---|---|---|---|---|")
 for row in sorted(set(bf16) | set(fp32)):
@@ -185,7 +178,7 @@ for row in sorted(set(bf16) | set(fp32)):
 EOF
     note "bf16 vs fp32 comparison" "exit $?"
     cat "$TABLES"
-    tar -czf "$OUT/results.tar.gz" -C "$WORK" $(cd "$WORK" && ls -d results-*/runs 2>/dev/null) \
+    tar -czf "$OUT/results.tar.gz" -C "$WORK" results/runs \
         && note "results.tar.gz" "written" || note "results.tar.gz" "FAILED"
 else
     note "bf16 vs fp32" "not run: no Fashion-MNIST"
