@@ -85,6 +85,9 @@ def build_parser() -> ArgumentParser:
                           "slurm, N runs per array task (a preset with a GPU per task)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     run.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic kernels on CUDA (no cuDNN autotuning): bit-identical "
+                          "reruns on the same GPU, slower; the CPU is deterministic anyway")
     run.add_argument("--data-dir", type=Path, help="where datasets live (default ./data or $KDBENCH_DATA)")
     run.add_argument("--slurm", metavar="PRESET", default="default",
                      help="SLURM preset: a name in slurm/ (e.g. default, test) or a TOML path")
@@ -326,7 +329,8 @@ def launch_grid(args: argparse.Namespace, teachers, students, chosen) -> list:
     # Several runs in flight share one GPU when one small run cannot fill it; each is its own
     # process with its own RunSpec seed and data order, so sharing changes no run's batches.
     jobs = args.runs_per_gpu or args.jobs or (1 if on_gpu else min(2, cores))
-    options = TrainOptions(device=args.device, compile=args.compile, data_dir=args.data_dir)
+    options = TrainOptions(device=args.device, compile=args.compile, data_dir=args.data_dir,
+                           deterministic=args.deterministic)
     if not on_gpu and args.executor != "slurm":
         from kdbench.estimate import cpu_cost_warning
 

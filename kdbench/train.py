@@ -52,6 +52,10 @@ class NonFiniteLoss(RuntimeError):
 class TrainOptions:
     device: str | None = None  # None: CUDA when present, else CPU
     compile: bool = False
+    # Deterministic kernels on CUDA (torch.use_deterministic_algorithms, no cuDNN autotuning):
+    # bit-identical reruns on the same GPU, at some speed. The CPU is deterministic anyway
+    # (for the same thread count).
+    deterministic: bool = False
     data_dir: Path | None = None
     threads: int | None = None  # CPU threads for this run (several runs share a machine)
 
@@ -192,14 +196,7 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
     precision = spec.precision  # part of the run's identity (kdbench.spec)
     if options.threads:
         torch.set_num_threads(options.threads)
-    if on_cuda:
-        # Fastest kernels for fixed shapes; determinism is promised on the CPU only.
-        torch.backends.cudnn.benchmark = True
-        # No TF32: fp32 means fp32. The networks' speed comes from bf16 autocast; what runs
-        # outside it is the losses, whose Gram matrices, distances and eigendecompositions
-        # need fp32's 24-bit mantissa, not TF32's 10 bits (cuDNN's default is TF32).
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    configure_kernels(on_cuda, options.deterministic)
     # bf16 autocast covers the networks' forward passes only: the loss terms are computed
     # outside it from fp32 copies of the features (taps.as_float32).
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
@@ -403,7 +400,7 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
         "train_seconds": trained_seconds,
         "images_per_second": images_seen / trained_seconds if trained_seconds else None,
         "extra_parameters": method.extra_parameters(),
-        "provenance": provenance(method_class, device, precision),
+        "provenance": provenance(method_class, device, precision, options.deterministic),
     }
     if is_teacher:
         from kdbench.teachers import save_teacher_weights
@@ -412,7 +409,27 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
     return record
 
 
-def provenance(method_class: type[Method], device: torch.device, precision: str) -> dict[str, Any]:
+def configure_kernels(on_cuda: bool, deterministic: bool) -> None:
+    """The process's kernel choices for a run (a run owns its process)."""
+    if deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; it reads this when it starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: an operation with no deterministic kernel (on CUDA, e.g. some pooling
+        # backward passes) warns, naming itself, instead of stopping the run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+    if on_cuda:
+        # cuDNN's autotuner picks the fastest kernels for fixed shapes, but not reproducibly.
+        torch.backends.cudnn.benchmark = not deterministic
+        # No TF32: fp32 means fp32. The networks' speed comes from bf16 autocast; what runs
+        # outside it is the losses, whose Gram matrices, distances and eigendecompositions
+        # need fp32's 24-bit mantissa, not TF32's 10 bits (cuDNN's default is TF32).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def provenance(method_class: type[Method], device: torch.device, precision: str,
+               deterministic: bool = False) -> dict[str, Any]:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         platform.processor() or platform.machine())
     return {
@@ -422,6 +439,7 @@ def provenance(method_class: type[Method], device: torch.device, precision: str)
         "device": f"{device.type}: {device_name}",
         "threads": torch.get_num_threads(),
         "precision": precision,
+        "deterministic": deterministic,
         "method_source_sha256": registry.source_sha256(method_class),
         "hostname": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),

@@ -458,3 +458,40 @@ def test_compile_runs_on_cuda(results_with_teacher, cuda_flags):
                    Store(results_with_teacher), TrainOptions(device="cuda", compile=True))
     assert record["status"] == "done" and finite_history(record)
     assert record["provenance"]["precision"] == "bf16"
+
+
+# --- 6. deterministic mode ---------------------------------------------------------------------
+
+@pytest.fixture
+def restore_determinism():
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.deterministic)
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.deterministic = saved[2]
+
+
+def test_deterministic_mode_is_recorded_and_changes_nothing_on_the_cpu(
+        small_tiny, results_with_teacher, tmp_path, restore_determinism):
+    """On the CPU the loop is deterministic already: --deterministic gives the same history
+    bit for bit, turns PyTorch's deterministic algorithms on and says so in the record."""
+    spec = RunSpec(SETTING, "kd", 0, overrides={"epochs": 1})
+    default = train(spec, Store(copy_results(results_with_teacher, tmp_path / "default")),
+                    TrainOptions(device="cpu"))
+    assert default["provenance"]["deterministic"] is False
+    strict = train(spec, Store(results_with_teacher), TrainOptions(device="cpu", deterministic=True))
+    assert torch.are_deterministic_algorithms_enabled()
+    assert strict["provenance"]["deterministic"] is True
+    assert [e["loss"] for e in strict["history"]] == [e["loss"] for e in default["history"]]
+    assert strict["metrics"] == default["metrics"]
+
+
+@cuda_only
+def test_deterministic_mode_reruns_bit_identically_on_cuda(results_with_teacher, tmp_path, cuda_flags,
+                                                            restore_determinism):
+    spec = RunSpec(SETTING, "kd", 0, overrides={"epochs": 1}, precision="bf16")
+    runs = [train(spec, Store(copy_results(results_with_teacher, tmp_path / name)),
+                  TrainOptions(device="cuda", deterministic=True)) for name in ("a", "b")]
+    assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+    assert [e["loss"] for e in runs[0]["history"]] == [e["loss"] for e in runs[1]["history"]]
+    assert runs[0]["metrics"] == runs[1]["metrics"]
