@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import submitit
+import torch
 
 from kdbench.errors import UserError
 from kdbench.grid import running_marker
@@ -103,6 +104,14 @@ class GroupRunsFailed(RuntimeError):
     that SLURM marks the task FAILED. Each failed run has its own failed record already."""
 
 
+def member_devices(runs: int, device: str | None, gpus: int) -> list[str | None]:
+    """The device of each run of a task: the one asked for (--device), else the task's GPUs in
+    turn (a task with gpus_per_task = 2 and 4 runs puts 2 on each), else the default."""
+    if device is not None or gpus < 2:
+        return [device] * runs
+    return [f"cuda:{index % gpus}" for index in range(runs)]
+
+
 def _run_group(group: list[dict[str, Any]], results: str, options: dict[str, Any],
                restarts: int) -> list[dict[str, Any]]:
     """The runs of one task at once, one process each (spawn, as LocalExecutor: no run shares
@@ -110,11 +119,12 @@ def _run_group(group: list[dict[str, Any]], results: str, options: dict[str, Any
     is stored as failed by ``run_job`` and stops no other; when all have ended, raise if any
     failed."""
     threads = max(1, (options.get("threads") or usable_cores()) // len(group))
-    member_options = {**options, "threads": threads}
+    devices = member_devices(len(group), options.get("device"), torch.cuda.device_count())
     context = multiprocessing.get_context("spawn")
     members = []
     try:
-        for spec_json in group:
+        for spec_json, device in zip(group, devices):
+            member_options = {**options, "threads": threads, "device": device}
             receiver, sender = context.Pipe(duplex=False)
             process = context.Process(target=_group_member, name=f"kdbench-{spec_json.get('seed')}",
                                       args=(spec_json, results, member_options, restarts, sender))

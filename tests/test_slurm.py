@@ -520,3 +520,11 @@ def test_a_preset_the_cluster_refuses_is_one_line_and_leaves_nothing_queued(tmp_
     assert code == 2 and len(error) == 1 and "sbatch refused the job" in error[0], error
     after = subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True).stdout.split()
     assert set(after) <= set(before)
+
+
+def test_runs_of_a_task_share_its_gpus_in_turn():
+    from kdbench.slurm import member_devices
+
+    assert member_devices(4, None, 2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert member_devices(3, None, 1) == [None, None, None]  # one GPU (or none): the default
+    assert member_devices(2, "cuda:1", 4) == ["cuda:1", "cuda:1"]  # --device wins
