@@ -199,15 +199,17 @@ def resolve_precision(args: argparse.Namespace) -> str:
     each task one: the GPU is on the nodes), else fp32."""
     from kdbench.spec import BF16, FP32
 
-    if args.precision:
-        return args.precision
+    return args.precision or (BF16 if runs_get_gpu(args) else FP32)
+
+
+def runs_get_gpu(args: argparse.Namespace) -> bool:
+    """Whether the runs will train on a GPU: on SLURM the preset says (the GPU is on the
+    nodes, not here); otherwise --device, or this machine's CUDA."""
     if getattr(args, "executor", None) == "slurm":
         from kdbench.slurm_presets import resolve_preset
 
-        on_gpu = resolve_preset(args.slurm, slurm_overrides(args)).gpus_per_task >= 1
-    else:
-        on_gpu = runs_on_gpu(args)
-    return BF16 if on_gpu else FP32
+        return resolve_preset(args.slurm, slurm_overrides(args)).gpus_per_task >= 1
+    return runs_on_gpu(args)
 
 
 # --- commands ---------------------------------------------------------------------------------
