@@ -29,28 +29,53 @@ import torch
 from torch import Tensor, nn
 
 # Feature roles a method can ask for. They name *what* a feature is, not where it lives in a
-# particular architecture; each model maps them to its own modules (models/*.py).
-STAGES = "stages"  # output of the last block of every stage, shallow to deep: list[(B,C,H,W)]
+# particular architecture; each model maps them to its own modules (``feature_points()`` in
+# models/*.py, kdbench/roles.py), and each family's docstring says which tensor each one is.
+# Output of the last block of every stage, shallow to deep, list[(B, C, H, W)]: what
+# RepDistiller returns as feat[1:-1] (and AT's authors pass to at_loss). On pre-activation
+# WRNs the raw residual sum; on post-activation nets (ResNet, VGG) after the ReLU.
+STAGES = "stages"
+# Each stage output before its final activation: RepDistiller's ``preact=True`` features
+# (bn(residual sum) on WRNs, the residual sum on ResNets, the group's last BN on VGG).
+PREACT_STAGES = "preact_stages"
+# Each stage output after its activation: relu(bn(residual sum)) on pre-activation WRNs (the
+# MHGD authors' sensing points, their TF2 nets/WResNet.py); equal to STAGES on post-activation
+# nets.
+POSTACT_STAGES = "postact_stages"
 EMBEDDING = "embedding"  # the pooled penultimate vector, the classifier's input: (B, D)
-ROLES = frozenset({STAGES, EMBEDDING})
+ROLES = frozenset({STAGES, PREACT_STAGES, POSTACT_STAGES, EMBEDDING})
 
 
 @dataclass
 class Features:
-    """What the engine hands a method for one network on one batch."""
+    """What the engine hands a method for one network on one batch. A role the method did not
+    ask for is empty (``[]`` / None): no hook collected it."""
 
     logits: Tensor
     stages: list[Tensor] = field(default_factory=list)
     embedding: Tensor | None = None
+    preact_stages: list[Tensor] = field(default_factory=list)
+    postact_stages: list[Tensor] = field(default_factory=list)
+
+
+# (weight, bias) of a BatchNorm, as floats: what OFD (Heo et al., ICCV 2019) reads from the
+# teacher's "BN before the ReLU" to build its margin.
+NormParameters = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 @dataclass(frozen=True)
 class FeatureShapes:
-    """Shapes (without the batch dimension) from a dry forward pass, for ``build``."""
+    """Shapes (without the batch dimension) from a dry forward pass, for ``build``. Roles the
+    method did not ask for have empty tuples."""
 
     stages: tuple[tuple[int, ...], ...]
     embedding: tuple[int, ...]
     num_classes: int
+    preact_stages: tuple[tuple[int, ...], ...] = ()
+    postact_stages: tuple[tuple[int, ...], ...] = ()
+    # Per pre-activation stage, the (weight, bias) of the BN the architecture names as the one
+    # before the ReLU (TapPoint.norm), or None where it names none; one entry per preact stage.
+    preact_norms: tuple[NormParameters | None, ...] = ()
 
 
 @dataclass

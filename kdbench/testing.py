@@ -51,6 +51,8 @@ from kdbench.errors import UserError
 from kdbench.host_sync import HostSync, host_syncs, ops_of, reported_names
 from kdbench.method import (
     EMBEDDING,
+    POSTACT_STAGES,
+    PREACT_STAGES,
     ROLES,
     STAGES,
     Batch,
@@ -210,8 +212,9 @@ def check_pair(method_class: type[Method], teacher_arch: str | None, student_arc
     try:
         with torch.no_grad():
             student.eval()
-            student_shapes = shapes_of(student_taps.pop(student(images[:2])))
-            teacher_shapes = shapes_of(teacher_taps.pop(teacher(images[:2]))) if teacher is not None else None
+            student_shapes = shapes_of(student_taps.pop(student(images[:2])), student)
+            teacher_shapes = (shapes_of(teacher_taps.pop(teacher(images[:2])), teacher)
+                              if teacher is not None else None)
         method = built(method_class, student_shapes, teacher_shapes)
 
         def teacher_features() -> Features | None:
@@ -478,7 +481,7 @@ def architecture_shapes(arch: str, num_classes: int, in_channels: int, size: int
     taps = FeatureTaps(model, ROLES)
     try:
         with torch.no_grad():
-            return shapes_of(taps.pop(model(torch.zeros(2, in_channels, size, size))))
+            return shapes_of(taps.pop(model(torch.zeros(2, in_channels, size, size))), model)
     finally:
         taps.remove()
 
@@ -487,9 +490,14 @@ def random_features(shapes: FeatureShapes, roles: frozenset[str], requires_grad:
     def draw(*shape: int) -> Tensor:
         return torch.randn(BATCH_SIZE, *shape).requires_grad_(requires_grad)
 
+    def stages(role: str, role_shapes: tuple[tuple[int, ...], ...]) -> list[Tensor]:
+        return [draw(*shape) for shape in role_shapes] if role in roles else []
+
     return Features(logits=draw(shapes.num_classes),
-                    stages=[draw(*shape) for shape in shapes.stages] if STAGES in roles else [],
-                    embedding=draw(*shapes.embedding) if EMBEDDING in roles else None)
+                    stages=stages(STAGES, shapes.stages),
+                    embedding=draw(*shapes.embedding) if EMBEDDING in roles else None,
+                    preact_stages=stages(PREACT_STAGES, shapes.preact_stages),
+                    postact_stages=stages(POSTACT_STAGES, shapes.postact_stages))
 
 
 def check_setting_shapes(method_class: type[Method], setting: settings.Setting) -> None:

@@ -34,8 +34,19 @@ from torch import Tensor, nn
 import kdbench
 from kdbench import registry, settings
 from kdbench.data import BatchStream, load_dataset
-from kdbench.method import Batch, FeatureShapes, Features, Method, Progress, PretrainStage, iter_parameters
+from kdbench.method import (
+    PREACT_STAGES,
+    Batch,
+    FeatureShapes,
+    Features,
+    Method,
+    NormParameters,
+    Progress,
+    PretrainStage,
+    iter_parameters,
+)
 from kdbench.models import build_model
+from kdbench.roles import feature_points
 from kdbench.spec import TEACHER, RunSpec
 from kdbench.store import Store, write_atomically
 from kdbench.taps import FeatureTaps, as_float32
@@ -100,12 +111,44 @@ def pick_device(options: TrainOptions) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def shapes_of(features: Features) -> FeatureShapes:
+def shapes_of(features: Features, model: nn.Module | None = None) -> FeatureShapes:
+    """The shapes of a dry forward pass's features, for ``Method.build``.
+
+    ``preact_norms`` (one entry per pre-activation stage collected) are the current (weight,
+    bias) of the BNs that ``model``'s tap points name as the ones before the ReLU: a teacher's
+    are its trained values, since the engine loads it before the dry pass."""
+    def shapes(tensors: list[Tensor]) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(f.shape[1:]) for f in tensors)
+
     return FeatureShapes(
-        stages=tuple(tuple(f.shape[1:]) for f in features.stages),
+        stages=shapes(features.stages),
         embedding=tuple(features.embedding.shape[1:]) if features.embedding is not None else (),
         num_classes=features.logits.shape[1],
+        preact_stages=shapes(features.preact_stages),
+        postact_stages=shapes(features.postact_stages),
+        preact_norms=preact_norms(model, len(features.preact_stages)),
     )
+
+
+def preact_norms(model: nn.Module | None, count: int) -> tuple[NormParameters | None, ...]:
+    """Per pre-activation stage of ``model``, its named BN's (weight, bias) as floats, or None
+    where its tap point names no BN (or the BN has no affine parameters)."""
+    if count == 0:
+        return ()
+    if model is None:
+        raise ValueError("shapes_of needs the model to read the pre-activation stages' BNs")
+    points = feature_points(model)[PREACT_STAGES]
+    if len(points) != count:
+        raise ValueError(f"{count} pre-activation stages collected, {len(points)} tap points")
+    norms: list[NormParameters | None] = []
+    for point in points:
+        norm = model.get_submodule(point.norm) if point.norm is not None else None
+        if norm is None or norm.weight is None or norm.bias is None:
+            norms.append(None)
+            continue
+        norms.append((tuple(norm.weight.detach().float().cpu().tolist()),
+                      tuple(norm.bias.detach().float().cpu().tolist())))
+    return tuple(norms)
 
 
 def parameters_feeding(model: nn.Module, taps: FeatureTaps, stage: int, sample: Tensor) -> list[nn.Parameter]:
@@ -225,8 +268,8 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
     sample = stream.normalise(dataset.test_images[:2].to(device))
     with torch.no_grad():
         student.eval()
-        student_shapes = shapes_of(student_taps.pop(student(sample)))
-        teacher_shapes = shapes_of(teacher_taps.pop(teacher(sample))) if teacher is not None else None
+        student_shapes = shapes_of(student_taps.pop(student(sample)), student)
+        teacher_shapes = shapes_of(teacher_taps.pop(teacher(sample)), teacher) if teacher is not None else None
     method.build(student_shapes, teacher_shapes, dataset.num_train)
     method.to(device)
     student_forward = torch.compile(student) if options.compile else student

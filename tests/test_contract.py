@@ -21,6 +21,9 @@ from torch import Tensor, nn
 from kdbench import registry
 from kdbench.method import (
     EMBEDDING,
+    POSTACT_STAGES,
+    PREACT_STAGES,
+    ROLES,
     STAGES,
     Batch,
     FeatureShapes,
@@ -74,6 +77,51 @@ class LogitL2(Method):
 
 def test_a_correct_method_passes() -> None:
     check_method_class(LogitL2)
+
+
+class EveryRole(Method):
+    """Reads every feature role of both networks, and the teacher's pre-activation BNs: the
+    contract on it runs each family's whole role map through taps, shapes and gradients."""
+
+    name = "every_role"
+    paper = "test double"
+    Config = EmptyConfig
+    student_taps = ROLES
+    teacher_taps = ROLES
+
+    def build(self, student_shapes, teacher_shapes, num_train):
+        for shapes in (student_shapes, teacher_shapes):
+            stages = shapes.stages
+            if not (len(stages) == len(shapes.preact_stages) == len(shapes.postact_stages)
+                    == len(shapes.preact_norms)) or not stages or not shapes.embedding:
+                raise ValueError(f"roles missing from {shapes}")
+            if any(norm is None or len(norm[0]) != stage[0]
+                   for norm, stage in zip(shapes.preact_norms, shapes.preact_stages)):
+                raise ValueError("a pre-activation stage without its BN's (weight, bias)")
+        self.head = nn.Linear(4, 4)
+        with torch.no_grad():  # any use of the norms will do; a method like OFD builds on them
+            self.head.bias.fill_(sum(teacher_shapes.preact_norms[-1][1]) / teacher_shapes.preact_stages[-1][0])
+
+    def loss(self, s, t, batch, progress):
+        def summary(f: Features) -> Tensor:
+            # The deepest map of each stage role and the embedding, one number per sample each.
+            return torch.stack([f.stages[-1].mean(dim=(1, 2, 3)), f.preact_stages[-1].mean(dim=(1, 2, 3)),
+                                f.postact_stages[-1].mean(dim=(1, 2, 3)), f.embedding.mean(dim=1)], dim=1)
+
+        return {"l2": F.mse_loss(self.head(summary(s)), summary(t))}
+
+
+def test_a_method_reading_every_role_passes() -> None:
+    check_method_class(EveryRole)
+
+
+class UndeclaredRole(EveryRole):
+    """Reads the post-activation stages it did not declare: they are empty."""
+
+    student_taps = frozenset({STAGES, PREACT_STAGES, EMBEDDING})
+
+    def build(self, student_shapes, teacher_shapes, num_train):
+        self.head = nn.Linear(4, 4)
 
 
 def test_unknown_method_is_a_clear_failure() -> None:
@@ -227,6 +275,7 @@ def test_a_declared_host_sync_passes() -> None:
     (UnusedProjection, "no gradient reaches method.projection"),
     (LeakyStage, "parameters the stage does not train"),
     (FixedStageCount, "teacher stages"),
+    (UndeclaredRole, "raised IndexError: list index out of range"),
 ])
 def test_the_checker_catches(broken: type[Method], message: str) -> None:
     with pytest.raises(AssertionError, match=message):

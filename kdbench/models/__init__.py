@@ -5,10 +5,13 @@ Names follow RepDistiller's `model_dict` (the benchmark our tables compare again
 `vgg<N>` (N in 8, 11, 13, 16, 19; always with batch norm, as RepDistiller's `vgg13` is
 `vgg13_bn`). A name is canonical — no leading zeros, lower case — because it enters run ids.
 
-Every model returns logits only and names, as dotted paths in `named_modules()`:
-- `stage_names`: the modules whose *output* is each stage's output (what forward hooks tap);
-- `classifier_name`: the final nn.Linear, whose *input* is the pooled embedding.
-Each family's module docstring says exactly which tensor a stage output is.
+Every model returns logits only and declares, in `feature_points()`, where each feature role
+(kdbench/method.py: stages, pre- and post-activation stages, embedding) lives: per role, the
+modules (dotted paths in `named_modules()`) whose output or input is each of its tensors
+(kdbench/roles.py `TapPoint`), which forward hooks tap. Each family's module docstring says
+exactly which tensor each role is. `stage_names` (the modules whose output is each stage's
+output) and `classifier_name` (the final nn.Linear, whose input is the pooled embedding) stay
+for compatibility.
 """
 
 from __future__ import annotations

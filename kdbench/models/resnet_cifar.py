@@ -8,11 +8,16 @@ compare against): a 1×1 conv + BN projection wherever the width or stride chang
 "x4" variants (resnet8x4, resnet32x4) use stage widths 64/128/256 after a 32-wide stem, so their
 first stage also starts with a projection.
 
-Stage outputs (`stage_names`): each stage's last block output, *after* the ReLU that follows
-the residual sum — RepDistiller's features f1..f3. The pre-activation (the residual sum itself,
-RepDistiller's `preact=True` features) is the *input* of that block's `relu2`, so a forward hook
-on `layer3.<last>.relu2` sees both. The pooled embedding (the input of `fc`) is the global
-average of the stage-3 output.
+Feature roles (`feature_points`, kdbench/method.py), for stage k's last block
+`layer{k}.<last>`, whose output is relu2(bn2(conv2(·)) + shortcut):
+- `stages`: the stage's output, *after* that ReLU (the output of `layer{k}`): RepDistiller's
+  features f1..f3.
+- `preact_stages`: the residual sum before it, the *input* of `layer{k}.<last>.relu2`:
+  RepDistiller's `preact=True` features. The BN before the ReLU is `layer{k}.<last>.bn2`, the
+  residual branch's last BN (RepDistiller's `get_bn_before_relu`, from OFD's code).
+- `postact_stages`: the same tensors as `stages` (a post-activation network; the MHGD
+  authors' sensing points in their ResNet, TF1 `nets/ResNet.py`).
+- `embedding`: the input of `fc`, the global average of the stage-3 output.
 
 Parametrised modules carry RepDistiller's names (`conv1`, `layer1.0.downsample.0`, `fc`, …), so
 its published teacher checkpoints load with `load_state_dict`. No operation is in-place
@@ -24,6 +29,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from kdbench.method import EMBEDDING, POSTACT_STAGES, PREACT_STAGES, STAGES
+from kdbench.roles import TapPoint
 
 
 class BasicBlock(nn.Module):
@@ -90,6 +98,18 @@ class CifarResNet(nn.Module):
         blocks = [BasicBlock(in_planes, planes, stride)]
         blocks += [BasicBlock(planes, planes) for _ in range(num_blocks - 1)]
         return nn.Sequential(*blocks)
+
+    def feature_points(self) -> dict[str, tuple[TapPoint, ...]]:
+        """Where each role's tensors are (module docstring)."""
+        last_blocks = [f"{stage}.{len(self.get_submodule(stage)) - 1}" for stage in self.stage_names]
+        stages = tuple(TapPoint(name) for name in self.stage_names)
+        return {
+            STAGES: stages,
+            PREACT_STAGES: tuple(TapPoint(f"{block}.relu2", "input", norm=f"{block}.bn2")
+                                 for block in last_blocks),
+            POSTACT_STAGES: stages,
+            EMBEDDING: (TapPoint(self.classifier_name, "input"),),
+        }
 
     def _init_weights(self) -> None:
         # RepDistiller models/resnet.py: Kaiming normal (fan-out, ReLU) for convs, BN weight 1

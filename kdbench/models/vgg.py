@@ -13,12 +13,16 @@ least 64 px (RepDistiller pools there only at 64 px, TinyImageNet), so at 32 px 
 both run at 4×4, and at 28 px at 3×3. The final pool is adaptive, so any input of at least
 16 px works.
 
-Stage outputs (`stage_names`): the post-ReLU outputs of groups 1–4 (`relu1`..`relu4`),
-RepDistiller's features f1..f4. Its f0 (group 0, full resolution) plays the stem's role, like
-f0 of its ResNets and WRNs, which are not stages either: so "stage 2" (FitNets' hint layer) is
-group 2 here as in RepDistiller, and AT's attention maps cover the same four groups as its
-`feat[1:-1]`. The pre-activations (RepDistiller's `preact=True`) are the outputs of
-`block1`..`block4`. The pooled embedding is the input of `classifier`.
+Feature roles (`feature_points`, kdbench/method.py), for groups 1–4:
+- `stages`: the post-ReLU outputs (`relu1`..`relu4`), RepDistiller's features f1..f4. Its f0
+  (group 0, full resolution) plays the stem's role, like f0 of its ResNets and WRNs, which are
+  not stages either: so "stage 2" (FitNets' hint layer) is group 2 here as in RepDistiller, and
+  AT's attention maps cover the same four groups as its `feat[1:-1]`.
+- `preact_stages`: the outputs of `block1`..`block4`, each ending with its last BN, before the
+  ReLU: RepDistiller's `preact=True` features; that BN (`block{g}.<last>`) is its
+  `get_bn_before_relu`.
+- `postact_stages`: the same tensors as `stages` (a post-activation network).
+- `embedding`: the input of `classifier`.
 
 Parametrised modules carry RepDistiller's names (`block0.0`, `block0.1`, …, `classifier`), so
 its published teacher checkpoints load with `load_state_dict`. No operation is in-place.
@@ -28,6 +32,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from kdbench.method import EMBEDDING, POSTACT_STAGES, PREACT_STAGES, STAGES
+from kdbench.roles import TapPoint
 
 # Output channels of each conv in each of the five groups.
 # A/B/D/E: Simonyan & Zisserman 2015, Table 1 (vgg11/13/16/19); S (vgg8): RepDistiller.
@@ -87,6 +94,18 @@ class VGG(nn.Module):
         self.flatten = nn.Flatten()
         self.classifier = nn.Linear(config[4][-1], num_classes)
         self._init_weights()
+
+    def feature_points(self) -> dict[str, tuple[TapPoint, ...]]:
+        """Where each role's tensors are (module docstring)."""
+        groups = ("block1", "block2", "block3", "block4")
+        stages = tuple(TapPoint(name) for name in self.stage_names)
+        return {
+            STAGES: stages,
+            PREACT_STAGES: tuple(TapPoint(group, norm=f"{group}.{len(self.get_submodule(group)) - 1}")
+                                 for group in groups),
+            POSTACT_STAGES: stages,
+            EMBEDDING: (TapPoint(self.classifier_name, "input"),),
+        }
 
     def _init_weights(self) -> None:
         # RepDistiller models/vgg.py: conv weights N(0, 2 / (k·k·out_channels)) (= Kaiming

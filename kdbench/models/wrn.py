@@ -8,14 +8,18 @@ applied to the *activated* input, used when the width or the stride changes) fol
 authors' attention-transfer code (szagoruyko/attention-transfer, `resnet.py`) and
 RepDistiller's `models/wrn.py`, whose CIFAR-100 numbers our tables are compared against.
 
-Stage outputs (`stage_names`): each stage's last block output, i.e. the residual sum *before*
-the BN + ReLU that follows it (the next block's first BN, or the final `bn1`). This is what the
-AT authors' code passes to `at_loss` and what RepDistiller returns as its features f1..f3. The
-pre-activations RepDistiller uses with `preact=True` are the outputs of `block2.layer.0.bn1`,
-`block3.layer.0.bn1` and `bn1`.
-
-The pooled embedding (the input of `fc`) is the global average of `relu(bn1(stage-3 output))`,
-*not* the average of the stage-3 output itself: read it from the classifier's input.
+Feature roles (`feature_points`, kdbench/method.py). Stage k's output s_k is consumed by a
+BN + ReLU: the first BN/ReLU of the next stage's first block (`block2.layer.0.bn1` and
+`.relu1`, `block3.layer.0.bn1` and `.relu1`) or, after stage 3, the final `bn1` and `relu`.
+- `stages`: s_k itself, the raw residual sum (the outputs of `block1`..`block3`). This is what
+  the AT authors' code passes to `at_loss` and what RepDistiller returns as its features f1..f3.
+- `preact_stages`: bn(s_k), the outputs of `block2.layer.0.bn1`, `block3.layer.0.bn1` and
+  `bn1`: RepDistiller's `preact=True` features, and those BNs are its `get_bn_before_relu`.
+- `postact_stages`: relu(bn(s_k)), the outputs of `block2.layer.0.relu1`, `block3.layer.0.relu1`
+  and `relu`: the MHGD authors' sensing points in their pre-activation WRN (TF2
+  `nets/WResNet.py`, specs/mhgd.md §1). On a WRN these differ from `stages`.
+- `embedding`: the input of `fc`, the global average of relu(bn1(s_3)), *not* the average of
+  s_3 itself.
 
 Parametrised modules carry RepDistiller's names (`conv1`, `block1.layer.0.convShortcut`, …), so
 its published teacher checkpoints load with `load_state_dict`. No operation is in-place: forward
@@ -26,6 +30,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from kdbench.method import EMBEDDING, POSTACT_STAGES, PREACT_STAGES, STAGES
+from kdbench.roles import TapPoint
 
 
 class PreActBlock(nn.Module):
@@ -100,6 +107,19 @@ class WideResNet(nn.Module):
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(widths[3], num_classes)
         self._init_weights()
+
+    def feature_points(self) -> dict[str, tuple[TapPoint, ...]]:
+        """Where each role's tensors are (module docstring): stage k's output is activated by
+        the next stage's first block (`block{k+1}.layer.0`), the last stage's by `bn1`/`relu`."""
+        activations = [("block2.layer.0.bn1", "block2.layer.0.relu1"),
+                       ("block3.layer.0.bn1", "block3.layer.0.relu1"),
+                       ("bn1", "relu")]
+        return {
+            STAGES: tuple(TapPoint(name) for name in self.stage_names),
+            PREACT_STAGES: tuple(TapPoint(bn, norm=bn) for bn, _ in activations),
+            POSTACT_STAGES: tuple(TapPoint(relu) for _, relu in activations),
+            EMBEDDING: (TapPoint(self.classifier_name, "input"),),
+        }
 
     def _init_weights(self) -> None:
         # RepDistiller models/wrn.py: conv weights N(0, 2 / (k·k·out_channels)), i.e. Kaiming
