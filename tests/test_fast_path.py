@@ -204,8 +204,8 @@ def autocast_step(name: str, device: torch.device, channels_last: bool) -> None:
     teacher_taps = FeatureTaps(teacher, method.teacher_taps) if teacher is not None else None
     with torch.no_grad():
         student.eval()
-        student_shapes = shapes_of(student_taps.pop(student(images[:2])))
-        teacher_shapes = shapes_of(teacher_taps.pop(teacher(images[:2]))) if teacher is not None else None
+        student_shapes = shapes_of(student_taps.pop(student(images[:2])), student)
+        teacher_shapes = shapes_of(teacher_taps.pop(teacher(images[:2])), teacher) if teacher is not None else None
     method.build(student_shapes, teacher_shapes, 64)
     method.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
@@ -297,12 +297,14 @@ def test_channels_last_gives_the_same_logits_features_and_gradients(family, arch
         converted.train(training)
         expected, expected_grads = forward_backward(contiguous, images)
         got, grads = forward_backward(converted, images.contiguous(memory_format=torch.channels_last))
-        assert shapes_of(got) == shapes_of(expected)
+        assert shapes_of(got, converted) == shapes_of(expected, contiguous)
         assert len(got.stages) == len(contiguous.stage_names) and got.embedding is not None
         # The features really came through the channels_last path.
         assert any(f.is_contiguous(memory_format=torch.channels_last) and not f.is_contiguous()
                    for f in got.stages), f"{arch}: no stage output is channels_last"
-        for a, b in zip([got.logits, got.embedding, *got.stages], [expected.logits, expected.embedding, *expected.stages]):
+        for a, b in zip([got.logits, got.embedding, *got.stages, *got.preact_stages, *got.postact_stages],
+                        [expected.logits, expected.embedding, *expected.stages, *expected.preact_stages,
+                         *expected.postact_stages], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         for a, b in zip(grads, expected_grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()))

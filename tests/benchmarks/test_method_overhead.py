@@ -144,8 +144,8 @@ def test_method_step_overhead(name: str, benchmark, interleave, report) -> None:
     sample = images[:2]
     with torch.no_grad():
         student.eval()
-        student_shapes = shapes_of(student_taps.pop(student(sample)))
-        teacher_shapes = shapes_of(teacher_taps.pop(teacher(sample))) if teacher is not None else None
+        student_shapes = shapes_of(student_taps.pop(student(sample)), student)
+        teacher_shapes = shapes_of(teacher_taps.pop(teacher(sample)), teacher) if teacher is not None else None
     method.build(student_shapes, teacher_shapes, NUM_TRAIN)
 
     stages = method.pretrain_stages()

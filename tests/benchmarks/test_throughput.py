@@ -140,8 +140,8 @@ def build_trainee(method_name: str, teacher_arch: str | None, student_arch: str,
     sample = batch.images[:2]
     with torch.no_grad():
         student.eval()
-        student_shapes = shapes_of(student_taps.pop(student(sample)))
-        teacher_shapes = shapes_of(teacher_taps.pop(teacher(sample))) if teacher is not None else None
+        student_shapes = shapes_of(student_taps.pop(student(sample)), student)
+        teacher_shapes = shapes_of(teacher_taps.pop(teacher(sample)), teacher) if teacher is not None else None
     method.build(student_shapes, teacher_shapes, NUM_TRAIN)
     method.to(DEVICE)
     stages = method.pretrain_stages()
