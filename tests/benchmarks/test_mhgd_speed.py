@@ -32,9 +32,10 @@ from torch import Tensor
 from kdbench import registry, settings
 from kdbench.method import Batch, Method, Progress, iter_parameters
 from kdbench.models import build_model
+from kdbench.spectral import right_singular_vectors
 from kdbench.taps import FeatureTaps
 from kdbench.train import build_optimizer, shapes_of
-from methods.mhgd import MHGD, TRANSFER, right_singular_vectors
+from methods.mhgd import MHGD, TRANSFER
 
 TEACHER, STUDENT = "wrn_16_2", "wrn_16_1"
 NUM_CLASSES, IMAGE_SIZE = 100, 32
@@ -68,8 +69,8 @@ def training_step(method_class: type[Method], batch_size: int) -> Callable[[], d
     batch = Batch(images, labels, torch.arange(batch_size))
     with torch.no_grad():
         student.eval()
-        student_shapes = shapes_of(student_taps.pop(student(images[:2])))
-        teacher_shapes = shapes_of(teacher_taps.pop(teacher(images[:2])))
+        student_shapes = shapes_of(student_taps.pop(student(images[:2])), student)
+        teacher_shapes = shapes_of(teacher_taps.pop(teacher(images[:2])), teacher)
     method.build(student_shapes, teacher_shapes, 50000)
     student_parameters = list(student.parameters())
     trainable_modules = method.trainable_modules()
