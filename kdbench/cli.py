@@ -355,8 +355,13 @@ def command_list(args: argparse.Namespace) -> int:
 
     print("Methods (kdbench.methods entry points):")
     for name in registry.names():
-        name, paper, origin = registry.describe(name)
-        print(f"  {name:<10} {paper}\n  {'':<10} [{origin}]")
+        method = registry.describe(name)
+        print(f"  {method.name:<10} {f'BROKEN: {method.error}' if method.error else method.paper}")
+        if method.error is None:
+            print(f"  {'':<10} row \"{method.display_name or method.name}\" · fidelity: "
+                  f"{method.fidelity or 'not declared'}"
+                  + (f" · {method.fidelity_note}" if method.fidelity_note else ""))
+        print(f"  {'':<10} [{method.origin}]")
     print("\nSettings:")
     for setting in settings.SETTINGS.values():
         default = "  (default)" if setting.name == settings.DEFAULT_SETTING else ""

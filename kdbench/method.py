@@ -45,6 +45,15 @@ POSTACT_STAGES = "postact_stages"
 EMBEDDING = "embedding"  # the pooled penultimate vector, the classifier's input: (B, D)
 ROLES = frozenset({STAGES, PREACT_STAGES, POSTACT_STAGES, EMBEDDING})
 
+# Where a method's definition comes from (``Method.fidelity``), shown by ``kdbench list``,
+# stored in every record and footnoted in tables: the authors' released code, the paper alone
+# (the authors' code unavailable or not followed), or kdbench's reading of a paper whose
+# details are not public (every open choice named in the method's file).
+FIDELITY_AUTHORS_CODE = "authors' code"
+FIDELITY_PAPER = "paper"
+FIDELITY_READING = "reading of the paper"
+FIDELITIES = (FIDELITY_AUTHORS_CODE, FIDELITY_PAPER, FIDELITY_READING)
+
 
 @dataclass
 class Features:
@@ -156,6 +165,16 @@ class Method(nn.Module):
 
     name: ClassVar[str]  # the registry/CLI name (= the file name of a built-in)
     paper: ClassVar[str]  # citation shown by ``kdbench list``
+    # The row title papers print ("KD", "FitNets", "CRD + KD"): tables label rows with it.
+    display_name: ClassVar[str]
+    # One of FIDELITIES, and one line saying what was read and what was chosen. Declared by
+    # every method; the contract (kdbench.testing) fails one that does not.
+    fidelity: ClassVar[str]
+    fidelity_note: ClassVar[str]
+    # Modules beyond the defining file's own package whose code the method runs (a composition
+    # defined in kdbench/ names its parts'): they enter the method's source hash
+    # (kdbench/sources.py), so a record says exactly which code produced it.
+    source_modules: ClassVar[tuple[str, ...]] = ()
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     student_taps: ClassVar[frozenset[str]] = frozenset()
     teacher_taps: ClassVar[frozenset[str]] = frozenset()
@@ -169,6 +188,12 @@ class Method(nn.Module):
     def __init__(self, config: MethodConfig | None = None) -> None:
         super().__init__()
         self.config = config if config is not None else self.Config()
+
+    def configured_display_name(self) -> str:
+        """The row title of this method with its config: ``display_name``, unless an option
+        makes it another method in the papers' tables (KD with logit standardisation is
+        "KD + LS"). Records store it as ``method_display_name``."""
+        return getattr(type(self), "display_name", None) or self.name
 
     @property
     def ce_weight(self) -> float:
@@ -207,6 +232,25 @@ class Method(nn.Module):
 
     def extra_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def metadata_problems(method_class: type) -> list[str]:
+    """What is wrong with a method's declared ``display_name``/``fidelity``/``fidelity_note``
+    (empty: nothing). Each must be a non-empty single line: they end up in table rows,
+    captions and one-line listings."""
+    problems = []
+    for attribute in ("display_name", "fidelity_note"):
+        value = getattr(method_class, attribute, None)
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"declares no `{attribute}` (a non-empty string)")
+        elif "\n" in value:
+            problems.append(f"`{attribute}` must be one line, got {value!r}")
+    fidelity = getattr(method_class, "fidelity", None)
+    if fidelity not in FIDELITIES:
+        problems.append(f"fidelity = {fidelity!r}: must be one of "
+                        + ", ".join(repr(choice) for choice in FIDELITIES)
+                        + " (kdbench.method.FIDELITY_*)")
+    return problems
 
 
 def parse_config_value(config_class: type[MethodConfig], key: str, raw: str) -> Any:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from pathlib import Path
 from functools import lru_cache
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, version
 
+from kdbench import sources
 from kdbench.errors import UserError, suggest
-from kdbench.store import sha256_file
 from kdbench.method import Method
 
 GROUP = "kdbench.methods"
@@ -80,18 +79,43 @@ def get(name: str) -> type[Method]:
 
 
 def source_sha256(method: type[Method]) -> str:
-    """Hash of the file that defines a method: records say exactly which code produced them."""
-    path = inspect.getsourcefile(method)
-    if path is None:
-        return "unknown"
-    return sha256_file(Path(path))
+    """Hash of a method's code (kdbench/sources.py): records say exactly which code made them."""
+    return sources.source_sha256(method)
 
 
-def describe(name: str) -> tuple[str, str, str]:
-    """(name, paper or error, origin) for ``kdbench list``; never raises for a broken plugin."""
+def distribution_of(method: type[Method]) -> tuple[str | None, str | None]:
+    """(name, version) of the installed distribution that registered ``method``, or
+    (None, None) for a class that is not registered under its name."""
+    found = registrations().get(getattr(method, "name", ""), [])
+    if len(found) != 1:
+        return None, None
+    distribution = found[0].distribution
+    try:
+        return distribution, version(distribution)
+    except PackageNotFoundError:
+        return distribution, None
+
+
+@dataclass(frozen=True)
+class Description:
+    """One method as ``kdbench list`` shows it."""
+
+    name: str
+    origin: str  # "distribution: module:Class"
+    paper: str = ""
+    display_name: str | None = None
+    fidelity: str | None = None
+    fidelity_note: str | None = None
+    error: str | None = None  # why a plugin does not load; None when it does
+
+
+def describe(name: str) -> Description:
+    """``name`` as ``kdbench list`` shows it; never raises for a broken plugin."""
     registration = registrations()[name][0]
     origin = f"{registration.distribution}: {registration.target}"
     try:
-        return name, get(name).paper, origin
+        method = get(name)
     except UserError as error:
-        return name, f"BROKEN: {error}", origin
+        return Description(name, origin, error=str(error))
+    return Description(name, origin, method.paper, getattr(method, "display_name", None),
+                       getattr(method, "fidelity", None), getattr(method, "fidelity_note", None))

@@ -21,8 +21,12 @@ cluster (``aggregate``/``tables`` import no torch). Its fields::
     history       [{stage, epoch, loss, terms{name: value}, top1, top5, lr, seconds}, ...]
     error         null, or {type, message, traceback, step}
     wall_seconds, images_per_second, extra_parameters
+    method_display_name  the row title ("KD", "KD + LS"; "Teacher" for a teacher's run)
     provenance    kdbench_version, git_commit, torch_version, device, precision,
-                  method_source_sha256, hostname, slurm_job_id, finished_at
+                  method_source_sha256 (one hash over method_source_files: label → sha256,
+                  kdbench/sources.py), fidelity, fidelity_note, method_distribution,
+                  method_distribution_version, training_version (kdbench/train.py),
+                  hostname, slurm_job_id, finished_at
 """
 
 from __future__ import annotations

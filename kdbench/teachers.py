@@ -141,6 +141,7 @@ def record_for_checkpoint(spec: RunSpec, store: Store, options: "TrainOptions") 
         "metrics": {"top1_last": top1, "top5_last": top5, "top1_best": top1, "top5_best": top5,
                     "best_epoch": None},
         "wall_seconds": time.time() - started, "images_per_second": None, "extra_parameters": 0,
+        "method_display_name": "Teacher",
         "teacher_weights": {"path": str(path.relative_to(store.root)), "sha256": sha256_file(path)},
         "provenance": {**provenance(registry.get(spec.method), device, "fp32"),
                        "teacher_checkpoint_sha256": spec.teacher_checkpoint},

@@ -8,8 +8,10 @@ promise, named)::
 ``check_method(name)`` raises ``AssertionError`` with a message that names the method, the
 teacher/student pair and the step when the method breaks a promise the engine relies on:
 
-1. it loads from its entry point, declares ``name``/``paper``/taps, and its ``Config`` is a frozen
-   ``MethodConfig`` that round-trips through JSON (run specs and records store it as JSON);
+1. it loads from its entry point, declares ``name``/``paper``/taps, its row title
+   (``display_name``) and where its definition comes from (``fidelity``, one of
+   ``kdbench.method.FIDELITIES``, with a one-line ``fidelity_note``), and its ``Config`` is a
+   frozen ``MethodConfig`` that round-trips through JSON (run specs and records store it as JSON);
 2. on every architecture family as student (``FAMILY_EXAMPLES``), with a teacher of the same
    architecture and one of another family (different widths, 3 vs 4 stages), on tiny real
    networks (16-px images, batch 4):
@@ -63,6 +65,7 @@ from kdbench.method import (
     PretrainStage,
     Progress,
     iter_parameters,
+    metadata_problems,
 )
 from kdbench.models import FAMILY_EXAMPLES, build_model
 from kdbench.taps import FeatureTaps
@@ -148,6 +151,8 @@ def check_declaration(name: str, method_class: type[Method]) -> None:
 
     require(isinstance(getattr(method_class, "paper", None), str) and method_class.paper.strip() != "",
             "declares no `paper` (the citation `kdbench list` shows)")
+    problems = metadata_problems(method_class)
+    require(not problems, "; ".join(problems))
     for side in ("student_taps", "teacher_taps"):
         roles = getattr(method_class, side)
         require(isinstance(roles, (set, frozenset)) and set(roles) <= ROLES,
@@ -181,6 +186,13 @@ def check_declaration(name: str, method_class: type[Method]) -> None:
         raise ContractError(f"method {name!r}: Config.from_json(config.to_json()) fails on {text}: "
                             f"{type(error).__name__}: {error}") from error
     require(back == config, f"config does not round-trip through JSON: {config} → {text} → {back}")
+    try:
+        shown = method_class(config).configured_display_name()
+    except Exception as error:
+        raise ContractError(f"method {name!r}: configured_display_name() with the default config "
+                            f"fails: {type(error).__name__}: {error}") from error
+    require(isinstance(shown, str) and shown.strip() != "" and "\n" not in shown,
+            f"configured_display_name() = {shown!r}: must be a non-empty single line")
 
 
 # --- step 2: one step on real networks -----------------------------------------------------------

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kdbench
-from kdbench import registry, settings
+from kdbench import registry, settings, sources
 from kdbench.data import BatchStream, load_dataset
 from kdbench.method import (
     PREACT_STAGES,
@@ -53,6 +53,14 @@ from kdbench.taps import FeatureTaps, as_float32
 
 MAIN_STAGE = "main"
 EVAL_BATCH = 1000
+
+# The version of what this engine computes for a run: bump it in the commit that changes a
+# run's result for an unchanged method and spec (data order, augmentation, optimiser, schedule,
+# what a feature role returns, evaluation, ...), not for a refactor that leaves results equal.
+# Every record stores it; `kdbench run` reports stored results made at another version as
+# stale (kdbench/staleness.py). Version 1 is the first engine that recorded it: a record
+# without the field was made by some earlier engine, which is not known to compute the same.
+TRAINING_VERSION = 1
 
 
 class NonFiniteLoss(RuntimeError):
@@ -443,6 +451,8 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
         "train_seconds": trained_seconds,
         "images_per_second": images_seen / trained_seconds if trained_seconds else None,
         "extra_parameters": method.extra_parameters(),
+        # The teacher's run uses the student-alone method, but its row is the teacher's.
+        "method_display_name": "Teacher" if is_teacher else method.configured_display_name(),
         "provenance": provenance(method_class, device, precision, options.deterministic),
     }
     if is_teacher:
@@ -483,9 +493,25 @@ def provenance(method_class: type[Method], device: torch.device, precision: str,
         "threads": torch.get_num_threads(),
         "precision": precision,
         "deterministic": deterministic,
-        "method_source_sha256": registry.source_sha256(method_class),
+        **method_provenance(method_class),
         "hostname": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def method_provenance(method_class: type[Method]) -> dict[str, Any]:
+    """What says which method code made a record: its source hashes (kdbench/sources.py), its
+    declared fidelity, the distribution that installed it, and the engine's version."""
+    hashes = sources.file_hashes(method_class)
+    distribution, distribution_version = registry.distribution_of(method_class)
+    return {
+        "method_source_sha256": sources.combined_sha256(hashes),
+        "method_source_files": hashes,
+        "fidelity": getattr(method_class, "fidelity", None),
+        "fidelity_note": getattr(method_class, "fidelity_note", None),
+        "method_distribution": distribution,
+        "method_distribution_version": distribution_version,
+        "training_version": TRAINING_VERSION,
     }

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.method import STAGES, Batch, Features, Method, MethodConfig, Progress
+from kdbench.method import FIDELITY_AUTHORS_CODE, STAGES, Batch, Features, Method, MethodConfig, Progress
 
 
 def pair_stages(num_student: int, num_teacher: int) -> list[tuple[int, int]]:
@@ -84,6 +84,10 @@ class AT(Method):
     name = "at"
     paper = ("Zagoruyko & Komodakis. Paying More Attention to Attention: Improving the Performance "
              "of Convolutional Neural Networks via Attention Transfer. ICLR 2017")
+    display_name = "AT"
+    fidelity = FIDELITY_AUTHORS_CODE
+    fidelity_note = ("szagoruyko/attention-transfer's at()/at_loss: channel mean of f², β = 1000 "
+                     "without the paper's β/2 (beta_halved for it); stages paired by depth")
     Config = ATConfig
     student_taps = frozenset({STAGES})
     teacher_taps = frozenset({STAGES})

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench.method import (
+    FIDELITY_PAPER,
     STAGES,
     Batch,
     FeatureShapes,
@@ -116,6 +117,10 @@ class FitNetConfig(MethodConfig):
 class FitNet(Method):
     name = "fitnet"
     paper = "Romero, Ballas, Kahou, Chassang, Gatta & Bengio. FitNets: Hints for Thin Deep Nets. ICLR 2015"
+    display_name = "FitNets"
+    fidelity = FIDELITY_PAPER
+    fidelity_note = ("the paper's two-stage training (Algorithm 1) by default, hint/guided layers "
+                     "and weight 100 as RepDistiller; stages=1 is RepDistiller/mdistiller's variant")
     Config = FitNetConfig
     student_taps = frozenset({STAGES})
     teacher_taps = frozenset({STAGES})

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench.method import (
+    FIDELITY_AUTHORS_CODE,
     STAGES,
     Batch,
     FeatureShapes,
@@ -188,6 +189,10 @@ class MHGD(Method):
     name = "mhgd"
     paper = ("Lee & Song. Graph-based Knowledge Distillation by Multi-head Attention Network. "
              "BMVC 2019")
+    display_name = "MHGD"
+    fidelity = FIDELITY_AUTHORS_CODE
+    fidelity_note = ("a port of the authors' TF code (sseung0703/KD_methods_with_TF) per "
+                     "specs/mhgd.md; the SVD gradient exact where theirs is hand-written")
     Config = MHGDConfig
     student_taps = frozenset({STAGES})
     teacher_taps = frozenset({STAGES})

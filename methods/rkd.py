@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.method import EMBEDDING, Batch, Features, Method, MethodConfig, Progress
+from kdbench.method import EMBEDDING, FIDELITY_PAPER, Batch, Features, Method, MethodConfig, Progress
 
 
 def pairwise_distances(embedding: Tensor) -> Tensor:
@@ -84,6 +84,10 @@ class RKDConfig(MethodConfig):
 class RKD(Method):
     name = "rkd"
     paper = "Park, Kim, Lu & Cho. Relational Knowledge Distillation. CVPR 2019"
+    display_name = "RKD"
+    fidelity = FIDELITY_PAPER
+    fidelity_note = ("the paper's distance and angle potentials with Huber loss; w_d = 25, "
+                     "w_a = 50 and the pdist clamp as the authors' code, no L2 norm as RepDistiller")
     Config = RKDConfig
     student_taps = frozenset({EMBEDDING})
     teacher_taps = frozenset({EMBEDDING})

@@ -71,6 +71,13 @@ def test_list_shows_methods_with_papers(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "kd" in out and "Hinton" in out and "fashion_mnist/quick" in out
+    # Each method's row title and where its definition comes from, under its citation.
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("at ") and "Zagoruyko" in line)
+    assert lines[at + 1].split()[:4] == ['row', '"AT"', "·", "fidelity:"]
+    assert "fidelity: authors' code · szagoruyko/attention-transfer" in lines[at + 1]
+    kd = next(i for i, line in enumerate(lines) if line.strip().startswith("kd ") and "Hinton" in line)
+    assert 'row "KD" · fidelity: paper · ' in lines[kd + 1]
 
 
 def test_precision_makes_other_runs_under_the_same_fp32_teacher(grid_results, capsys):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from kdbench import registry
 from kdbench.method import (
     EMBEDDING,
+    FIDELITY_PAPER,
     POSTACT_STAGES,
     PREACT_STAGES,
     ROLES,
@@ -64,12 +65,20 @@ class EmptyConfig(MethodConfig):
     pass
 
 
-class LogitL2(Method):
+class Double(Method):
+    """What every test double declares besides its name, taps and loss."""
+
+    paper = "test double"
+    display_name = "Test double"
+    fidelity = FIDELITY_PAPER
+    fidelity_note = "a test double of the contract checker"
+    Config = EmptyConfig
+
+
+class LogitL2(Double):
     """A correct little method (logit matching); the broken ones below each change one thing."""
 
     name = "logit_l2"
-    paper = "test double"
-    Config = EmptyConfig
 
     def loss(self, s: Features, t: Features | None, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         return {"l2": F.mse_loss(s.logits, t.logits)}
@@ -157,12 +166,10 @@ class NonScalarLoss(LogitL2):
         return {"l2": (s.logits - t.logits).pow(2)}
 
 
-class UnusedProjection(Method):
+class UnusedProjection(Double):
     """Builds a projection that its loss never uses: no gradient reaches it."""
 
     name = "unused_projection"
-    paper = "test double"
-    Config = EmptyConfig
     student_taps = frozenset({EMBEDDING})
     teacher_taps = frozenset({EMBEDDING})
 
@@ -174,13 +181,11 @@ class UnusedProjection(Method):
         return {"l2": F.mse_loss(s.logits, t.logits)}
 
 
-class LeakyStage(Method):
+class LeakyStage(Double):
     """A pre-training stage "up to stage 0" whose loss uses the logits: it reaches parameters
     beyond stage 0 that the stage does not train."""
 
     name = "leaky_stage"
-    paper = "test double"
-    Config = EmptyConfig
     student_taps = frozenset({STAGES})
     teacher_taps = frozenset({STAGES})
 
@@ -200,12 +205,10 @@ class LeakyStage(Method):
         return {"l2": F.mse_loss(s.logits, t.logits)}
 
 
-class FixedStageCount(Method):
+class FixedStageCount(Double):
     """Pairs stages by position and so breaks when teacher and student have different counts."""
 
     name = "fixed_stage_count"
-    paper = "test double"
-    Config = EmptyConfig
     student_taps = frozenset({STAGES})
     teacher_taps = frozenset({STAGES})
 
@@ -258,6 +261,34 @@ class DeclaredSync(LogitL2):
         return MaskedMean.loss(self, s, t, batch, progress)
 
 
+class Undeclared(Method):
+    """A method that says nothing about its row title or where its definition comes from."""
+
+    name = "undeclared"
+    paper = "test double"
+    Config = EmptyConfig
+
+    def loss(self, s, t, batch, progress):
+        return LogitL2.loss(self, s, t, batch, progress)
+
+
+class UnknownFidelity(LogitL2):
+    fidelity = "the authors' code"  # not the exact string FIDELITY_AUTHORS_CODE
+
+
+class EmptyDisplayName(LogitL2):
+    display_name = " "
+
+
+class TwoLineNote(LogitL2):
+    fidelity_note = "what was read\nwhat was chosen"
+
+
+class MultiLineConfiguredName(LogitL2):
+    def configured_display_name(self) -> str:
+        return "KD\n+ LS"
+
+
 def test_a_declared_host_sync_passes() -> None:
     check_method_class(DeclaredSync)
 
@@ -268,6 +299,12 @@ def test_a_declared_host_sync_passes() -> None:
     (SyncingBackward, r"\(backward\): aten._local_scalar_dense"),
     (StaleDeclaration, r"declares host_syncs \['aten._linalg_eigh'\] that none of its steps issues"),
     (UnknownDeclaration, "kdbench.host_sync never reports"),
+    (Undeclared, r"declares no `display_name`.*declares no `fidelity_note`.*fidelity = None"),
+    (UnknownFidelity, r"fidelity = \"the authors' code\": must be one of \"authors' code\", 'paper', "
+                      r"'reading of the paper'"),
+    (EmptyDisplayName, "declares no `display_name`"),
+    (TwoLineNote, "`fidelity_note` must be one line"),
+    (MultiLineConfiguredName, "configured_display_name.*must be a non-empty single line"),
     (PlainDataclassConfig, "not a subclass of kdbench.method.MethodConfig"),
     (NoRoundTrip, "round-trip"),
     (DetachedLoss, "do not reach the student"),

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from kdbench.method import Method, MethodConfig
+from kdbench.method import FIDELITY_READING, Method, MethodConfig
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,9 @@ class Throwaway(Method):
 
     name = "throwaway"
     paper = "Throwaway et al. A plugin made by the test suite. 2024"
+    display_name = "Throwaway"
+    fidelity = FIDELITY_READING
+    fidelity_note = "a plugin the test suite writes"
     Config = ThrowawayConfig
 
     def loss(self, s, t, batch, progress):
@@ -130,6 +133,7 @@ def test_list_shows_plugins_and_the_broken_one_with_its_error(listing: subproces
     out = listing.stdout
     assert "throwaway" in out and "Throwaway et al. A plugin made by the test suite. 2024" in out
     assert "[throwaway-kd: throwaway_kd:Throwaway]" in out
+    assert 'row "Throwaway" · fidelity: reading of the paper · a plugin the test suite writes' in out
     assert "mykd" in out and "Tung & Mori. Similarity-Preserving Knowledge Distillation" in out
     broken = next(line for line in out.splitlines() if line.strip().startswith("broken "))
     assert "BROKEN:" in broken and "this plugin is deliberately broken" in broken

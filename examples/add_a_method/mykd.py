@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.method import STAGES, Batch, Features, Method, MethodConfig, Progress
+from kdbench.method import FIDELITY_PAPER, STAGES, Batch, Features, Method, MethodConfig, Progress
 
 
 def similarity_loss(s: Tensor, t: Tensor) -> Tensor:
@@ -29,6 +29,9 @@ class MyKDConfig(MethodConfig):
 class MyKD(Method):
     name = "mykd"  # = the entry-point name in pyproject.toml
     paper = "Tung & Mori. Similarity-Preserving Knowledge Distillation. ICCV 2019"
+    display_name = "SP"  # the row title in tables
+    fidelity = FIDELITY_PAPER  # or FIDELITY_AUTHORS_CODE, FIDELITY_READING
+    fidelity_note = "the paper's batch-similarity loss; β from RepDistiller's CIFAR-100 command"
     Config = MyKDConfig
     student_taps = frozenset({STAGES})  # what the engine's hooks collect, by role
     teacher_taps = frozenset({STAGES})

@@ -1,0 +1,100 @@
+"""Which files are a method's code, and one hash over them: a record names the code that made it.
+
+A method's code is the file that defines its class and, transitively, every module of the same
+top-level package that the file uses: ``methods/fitnet.py`` runs ``methods/kd.py``'s loss, so
+editing either changes what a fitnet run computes. The engine's own package (``kdbench``) is
+not followed: what the engine computes is versioned by ``kdbench.train.TRAINING_VERSION``.
+A class names further modules in ``Method.source_modules`` (a composition built in kdbench/
+names its parts').
+
+A file is labelled by its module's dotted name as a path (``methods/kd.py``), never by where
+it is installed, so that two machines (or a SLURM snapshot of the code) hash the same code to
+the same value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from kdbench.store import sha256_file
+
+ENGINE_PACKAGE = "kdbench"
+UNKNOWN = "unknown"  # no source file (a class defined in an interactive session)
+
+
+def _top_package(module: ModuleType) -> str:
+    return module.__name__.partition(".")[0]
+
+
+def _label(module: ModuleType, path: Path) -> str:
+    parts = module.__name__.split(".")
+    if path.name == "__init__.py":
+        parts.append("__init__")
+    return "/".join(parts) + ".py"
+
+
+def _modules_used(module: ModuleType) -> list[ModuleType]:
+    """Modules of ``module``'s own top-level package that its globals come from."""
+    package = _top_package(module)
+    if package == ENGINE_PACKAGE:
+        return []
+    used = []
+    for value in vars(module).values():
+        if inspect.ismodule(value):
+            candidate = value
+        elif inspect.isclass(value) or inspect.isfunction(value):
+            candidate = sys.modules.get(getattr(value, "__module__", "") or "")
+        else:
+            continue
+        if candidate is not None and _top_package(candidate) == package:
+            used.append(candidate)
+    return used
+
+
+def source_files(method_class: type) -> dict[str, Path]:
+    """label → path of every file of the method's code (see the module docstring)."""
+    roots = [sys.modules.get(method_class.__module__)]
+    roots += [importlib.import_module(name) for name in getattr(method_class, "source_modules", ())]
+    files: dict[str, Path] = {}
+    seen: set[str] = set()
+    pending = [module for module in roots if module is not None]
+    while pending:
+        module = pending.pop()
+        if module.__name__ in seen:
+            continue
+        seen.add(module.__name__)
+        try:
+            path = inspect.getsourcefile(module)
+        except TypeError:  # a built-in module
+            path = None
+        if path is None:
+            continue
+        files[_label(module, Path(path))] = Path(path)
+        pending.extend(_modules_used(module))
+    return dict(sorted(files.items()))
+
+
+def file_hashes(method_class: type) -> dict[str, str]:
+    """label → sha256 of each file of the method's code."""
+    return {label: sha256_file(path) for label, path in source_files(method_class).items()}
+
+
+def combined_sha256(hashes: dict[str, str]) -> str:
+    """One hash for a method's files. A single file's hash is that file's sha256 (what records
+    stored before methods spanning several files were hashed as one, so their hashes stay
+    comparable); several: the sha256 of their sorted "label sha256" lines."""
+    if not hashes:
+        return UNKNOWN
+    if len(hashes) == 1:
+        return next(iter(hashes.values()))
+    lines = "".join(f"{label} {digest}\n" for label, digest in sorted(hashes.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def source_sha256(method_class: type) -> str:
+    return combined_sha256(file_hashes(method_class))
