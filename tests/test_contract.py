@@ -94,6 +94,9 @@ class EveryRole(Method):
 
     name = "every_role"
     paper = "test double"
+    display_name = "Every role"
+    fidelity = FIDELITY_PAPER
+    fidelity_note = "a test double"
     Config = EmptyConfig
     student_taps = ROLES
     teacher_taps = ROLES
