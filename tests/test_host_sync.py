@@ -15,7 +15,7 @@ import inspect
 import pytest
 import torch
 
-from kdbench import registry
+from kdbench import registry, spectral
 from kdbench.host_sync import BOOLEAN_INDEX, SYNCING_OPS, host_syncs, reported_names
 from kdbench.spec import RunSpec
 from kdbench.store import Store
@@ -127,7 +127,8 @@ def test_the_loop_synchronises_per_epoch_never_per_step(results_with_teacher, me
     """Twice as many steps per epoch (half the batch) must not add a single synchronisation of
     the engine's: the loop's are per epoch (NaN check, metrics, evaluation, checkpoint). A
     method's declared ones (MHGD's eigh) are per step by nature and are the only ones that may
-    grow; they must come from the method's own file."""
+    grow; they must come from the method's own file, or from the engine's library of
+    decompositions it calls (kdbench/spectral.py, which the loop itself never calls)."""
     method_class = registry.get(method)
     declared = set(method_class.host_syncs)
     coarse = syncs_of_a_run(results_with_teacher, method, batch_size=150)  # 8 steps per epoch
@@ -135,10 +136,10 @@ def test_the_loop_synchronises_per_epoch_never_per_step(results_with_teacher, me
     engine = lambda counts: {key: n for key, n in counts.items() if key[0] not in declared}
     assert engine(fine) == engine(coarse)
     assert sum(engine(coarse).values()) > 0  # the per-epoch reads are seen, so the probe works
-    method_file = inspect.getsourcefile(method_class)
+    allowed = (inspect.getsourcefile(method_class), inspect.getsourcefile(spectral))
     for (op, where), n in fine.items():
         if op in declared:
-            assert where.startswith(method_file), (op, where)
+            assert where.startswith(allowed), (op, where)
     if declared:
         grown = sum(n for (op, _), n in fine.items() if op in declared)
         assert grown > sum(n for (op, _), n in coarse.items() if op in declared)
