@@ -12,10 +12,16 @@ sseung0703/KD_methods_with_TF ``nets/SVP.py`` (SVD_eid, Align_rsv, gradient_svd)
   reference also uses the plain SVD when H·W and C are within a factor 3/2 of each other; the
   result is the same decomposition). Its gradient is the exact SVD gradient, with the
   1/(λ_i − λ_j) terms tamed near ties and NaN/inf zeroed (``_inverse_gaps``), so it stays
-  finite for zero, rank-deficient and degenerate maps (zero ReLU maps are common). The
-  reference's hand-written ``gradient_svd`` is exactly *twice* the exact gradient (its
-  ``msym`` is X + Xᵀ where the formula has ½(X + Xᵀ); checked numerically against
-  torch.linalg.svd).
+  finite for zero, rank-deficient and degenerate maps (zero ReLU maps are common).
+  The reference's hand-written ``gradient_svd`` is not this gradient. When H·W ≥ C (its
+  ``right_grad``) it is exactly *twice* it: its ``msym`` is X + Xᵀ where the formula has
+  ½(X + Xᵀ). When H·W < C (its ``left_grad``, from the transposed problem: the last stage of a
+  WRN at 28 px, 7·7 < 64; VGG's 4×4 maps; ResNet×4's 8×8 × 256) its direction differs as well.
+  Measured in fp64 against torch.linalg.svd's gradient (tests/test_spectral.py ports
+  ``gradient_svd``), on random ReLU maps, a batch of 64, the incoming gradient on one of the
+  first 4 vectors per sample (what alignment passes back): the cosine over the whole batch is
+  0.977–0.9998 for (H·W, C) in (49, 64), (64, 256), (16, 512), (16, 32), (9, 40); per sample it
+  goes down to 0.90, and the norm ratio to the exact gradient is 1.3–2.0 instead of 2.
 - ``canonical_sign(vectors)``: a sign convention, for maps that are not odd.
 - ``align_to_teacher(candidates, teacher)``: Align_rsv, the candidate with the largest
   |cosine| with a reference vector, signed to agree with it.

@@ -5,9 +5,14 @@ The reference is the authors' TensorFlow code, sseung0703/KD_methods_with_TF:
 ``nets/Relation.py`` (MHGD, Attention_head, Estimator, drop_head, kld_loss), ``nets/SVP.py``
 (SVD_eid, Align_rsv, gradient_svd), ``op_util.py`` (Optimizer_w_MHGD, sigmoid) and
 ``train_w_distill.py`` (init_epoch, learning-rate schedule). "The reference" below means it.
+Where it cannot serve (student and teacher widths that differ) the authors' later TF2 version,
+sseung0703/Knowledge_distillation_via_TF2.0 @54403b6 (``nets/Relation.py``, ``op_util.py``
+Multitask_Optimizer, ``nets/WResNet.py``), does.
 
-At every stage output ("sensing point") a feature map is compressed to one unit vector per
-sample, its first right singular vector (spec §2). For each consecutive pair of sensing points a
+At every sensing point, the *post-activation* output of each stage (``POSTACT_STAGES``, spec
+§1: post-ReLU block outputs in the reference's ResNet, relu(bn(block output)) in the TF2
+version's pre-activation WRN, whose ``feature`` list is exactly that), a feature map is
+compressed to one unit vector per sample, its first right singular vector (spec §2). For each consecutive pair of sensing points a
 multi-head attention network turns the batch's vectors into A graphs over the mini-batch (B×B:
 how each back-end sample attends to the front-end samples). Stage 1 trains the attention
 networks alone, on the teacher, to estimate the back-end vector from the front-end ones through
@@ -25,13 +30,16 @@ Where the spec leaves a choice, this file makes it as follows (each is commented
   of each other; the result is the same decomposition.
 - Its gradient is the exact SVD gradient (spec: "any exact method is fine"), with the
   1/(λ_i − λ_j) terms tamed near ties and NaN/inf zeroed (see kdbench/spectral.py). The
-  reference's hand-written ``gradient_svd`` is exactly *twice* the exact gradient (its ``msym``
-  is X + Xᵀ where the formula has ½(X + Xᵀ); checked numerically against torch.linalg.svd).
-  The per-parameter clip to ‖∇CE‖ absorbs the factor whenever it is active.
-- Widths that differ: Linear(C_s → C_t, no bias) + BatchNorm1d on each candidate vector (spec
-  §2), after giving the candidate a canonical sign (BatchNorm's shift is not odd, and an
-  eigenvector's sign is arbitrary), then L2-normalised so that the frozen attention network
-  sees unit vectors as in stage 1.
+  reference's hand-written ``gradient_svd`` is exactly twice the exact gradient only when
+  H·W ≥ C (its ``msym`` is X + Xᵀ where the formula has ½(X + Xᵀ)); for H·W < C (its
+  ``left_grad``: the last stage of a WRN on 28-px input, VGG, ResNet×4) its direction differs
+  too (kdbench/spectral.py gives the measured cosines, 0.977–0.9998 over a batch). The
+  per-parameter clip to ‖∇CE‖ absorbs the factor whenever it is active, not the direction.
+- Widths that differ (spec §2, the TF2 version's ``linear_map``): an FC (no bias) + BN from
+  C_s to C_t on the student's *feature map*, before the decomposition. The TF2 FC acts on the
+  NHWC map's channels and its BN normalises per channel over batch and positions: a 1×1 conv
+  + BatchNorm2d here. Its variables are trained with the student and their transfer gradient
+  is clipped like every student variable's (``backward``).
 - Stage-1 regularisation: the reference regularises the attention networks only through the
   explicit 5e-4·Σ‖w‖² of its stage-1 loss (their layers have no regulariser of their own), so
   the stage's optimiser runs without weight decay (``PretrainStage.weight_decay = 0``).
@@ -56,7 +64,7 @@ from torch import Tensor, nn
 
 from kdbench.method import (
     FIDELITY_AUTHORS_CODE,
-    STAGES,
+    POSTACT_STAGES,
     Batch,
     FeatureShapes,
     Features,
@@ -66,7 +74,7 @@ from kdbench.method import (
     Progress,
     iter_parameters,
 )
-from kdbench.spectral import align_to_teacher, canonical_sign, right_singular_vectors
+from kdbench.spectral import align_to_teacher, right_singular_vectors
 
 TRANSFER = "graph_kl"  # the name of the transfer term, the one the gradient rule clips
 
@@ -96,23 +104,47 @@ def transfer_bound_factor(main_epoch: int) -> float:
     return 1.0 if factor > 1.0 - 1e-8 else factor
 
 
+def clipped(transfer_grads: list[Tensor], bound_grads: list[Tensor], factor: float) -> list[Tensor]:
+    """clip_by_norm(transfer, ‖bound‖·factor) for each pair of tensors. ``tf.clip_by_norm(t, c)``
+    is t·min(1, c/‖t‖): a zero transfer gradient stays zero and a zero bound clips to zero. The
+    norms and scalings are batched over the tensors (``torch._foreach_*``), a few kernels per
+    step rather than a few per tensor."""
+    bounds = factor * torch.stack(torch._foreach_norm(bound_grads))
+    norms = torch.stack(torch._foreach_norm(transfer_grads))
+    scales = (bounds / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp(max=1.0)
+    return list(torch._foreach_mul(transfer_grads, list(scales.unbind())))
+
+
 def clip_transfer_gradients(ce_grads: list[Tensor], transfer_grads: list[Tensor | None],
                             factor: float) -> list[Tensor]:
     """∇CE + clip_by_norm(∇transfer, ‖∇CE‖·factor), separately for each parameter tensor (op_util.py
-    Optimizer_w_MHGD; the optimiser adds the weight decay). ``tf.clip_by_norm(t, c)`` is
-    t·min(1, c/‖t‖): a zero ∇transfer stays zero and a zero bound clips to zero. A tensor the
-    transfer term does not reach (``None``) keeps ∇CE. Updates ``ce_grads`` in place; the norms
-    and scalings are batched over the tensors (``torch._foreach_*``), a few kernels per step
-    rather than a few per tensor."""
+    Optimizer_w_MHGD; the optimiser adds the weight decay). A tensor the transfer term does not
+    reach (``None``) keeps ∇CE. Updates ``ce_grads`` in place."""
     reached = [index for index, grad in enumerate(transfer_grads) if grad is not None]
     if reached:
         ce = [ce_grads[index] for index in reached]
         transfer = [transfer_grads[index] for index in reached]
-        bounds = factor * torch.stack(torch._foreach_norm(ce))
-        norms = torch.stack(torch._foreach_norm(transfer))
-        scales = (bounds / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp(max=1.0)
-        torch._foreach_add_(ce, torch._foreach_mul(transfer, list(scales.unbind())))
+        torch._foreach_add_(ce, clipped(transfer, ce, factor))
     return ce_grads
+
+
+def clip_projection_gradients(parameters: list[nn.Parameter], transfer_grads: list[Tensor | None],
+                              factor: float, l2: float) -> list[Tensor]:
+    """clip_by_norm(∇transfer, ‖∇R‖·factor) for each width-projection tensor, R = l2·Σ v² its
+    regulariser, ∇R = 2·l2·v (the optimiser adds the engine's weight decay, as for every
+    parameter). In the TF2 version (op_util.py Multitask_Optimizer, ``clipped=True``) every
+    trained variable, student or projection, gets clip_by_norm(∇distill, ‖∇(CE + R)‖) + ∇(CE + R);
+    CE does not reach a projection, so its bound is ‖∇R‖. ``factor`` is the student's ramp
+    (``transfer_bound_factor``), so that one rule bounds both. A zero tensor (BN β at its
+    initial 0) has a zero bound and, as in the reference, no transfer gradient."""
+    grads = [grad if grad is not None else torch.zeros_like(parameter)
+             for parameter, grad in zip(parameters, transfer_grads)]
+    reached = [index for index, grad in enumerate(transfer_grads) if grad is not None]
+    if reached:
+        bounds = [2.0 * l2 * parameters[index].detach() for index in reached]
+        for index, grad in zip(reached, clipped([grads[index] for index in reached], bounds, factor)):
+            grads[index] = grad
+    return grads
 
 
 def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
@@ -124,6 +156,17 @@ def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
     if bias:
         nn.init.zeros_(layer.bias)
     return layer
+
+
+def width_projection(student_width: int, teacher_width: int) -> nn.Sequential:
+    """The TF2 version's ``linear_map`` (Relation.py @54403b6): tcl.FC(C_t) without bias, then
+    tcl.BatchNorm, on the student's NHWC feature map. Its FC multiplies the channel axis at
+    every position (a 1×1 conv) and its BN normalises each channel over batch and positions
+    (BatchNorm2d; decay 0.9, ε 1e-5 = PyTorch's momentum 0.1, eps 1e-5). The FC's initialiser
+    is tcl.FC's variance scaling, factor 2, fan-out: Kaiming normal, fan-out, as ``_linear``."""
+    conv = nn.Conv2d(student_width, teacher_width, 1, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return nn.Sequential(conv, nn.BatchNorm2d(teacher_width))
 
 
 def _linear_bn(in_features: int, out_features: int) -> nn.Sequential:
@@ -183,6 +226,11 @@ class MHGDConfig(MethodConfig):
     # op_util.py Optimizer_w_MHGD: mha_loss += 5e-4·Σ v² over the attention networks' weights,
     # biases and BN γ/β (a coefficient on Σ‖w‖², whose gradient is 2·5e-4·w).
     attention_weight_decay: float = 5e-4
+    # TF2 @54403b6 Relation.py: the width projections' FC kernel and BN γ/β carry
+    # tf.keras.regularizers.l2(weight_decay), weight_decay = 5e-4 (train_w_distill.py), i.e.
+    # R = 5e-4·Σ v², gradient 2·5e-4·v. Its gradient is what bounds their transfer gradient
+    # (``MHGD.backward``); the decay itself is the engine's, as for every parameter.
+    projection_l2: float = 5e-4
 
 
 class MHGD(Method):
@@ -191,11 +239,13 @@ class MHGD(Method):
              "BMVC 2019")
     display_name = "MHGD"
     fidelity = FIDELITY_AUTHORS_CODE
-    fidelity_note = ("a port of the authors' TF code (sseung0703/KD_methods_with_TF) per "
-                     "specs/mhgd.md; the SVD gradient exact where theirs is hand-written")
+    fidelity_note = ("a port of the authors' TF code (sseung0703/KD_methods_with_TF; its TF2 "
+                     "version for width projections) per specs/mhgd.md; the SVD gradient exact "
+                     "where theirs is hand-written")
     Config = MHGDConfig
-    student_taps = frozenset({STAGES})
-    teacher_taps = frozenset({STAGES})
+    # Post-activation stage outputs on both networks (spec §1; module docstring).
+    student_taps = frozenset({POSTACT_STAGES})
+    teacher_taps = frozenset({POSTACT_STAGES})
     # The decompositions (spec §2) are eigh, whose CUDA kernel reads cuSOLVER's error code on
     # the host: PyTorch has no eigh variant without that check. Once per sensing point per step.
     host_syncs = {"aten._linalg_eigh": "the singular vectors come from torch.linalg.eigh, which "
@@ -207,20 +257,21 @@ class MHGD(Method):
         if teacher_shapes is None:
             raise ValueError("MHGD needs a teacher")
         # Pairing: the last min(L_s, L_t) sensing points of each network (module docstring).
-        count = min(len(student_shapes.stages), len(teacher_shapes.stages))
+        student_stages, teacher_stages = student_shapes.postact_stages, teacher_shapes.postact_stages
+        count = min(len(student_stages), len(teacher_stages))
         if count < 2:
-            raise ValueError("MHGD needs at least two stage outputs in each network")
-        self.student_points = list(range(len(student_shapes.stages)))[-count:]
-        self.teacher_points = list(range(len(teacher_shapes.stages)))[-count:]
-        student_widths = [student_shapes.stages[i][0] for i in self.student_points]
-        self.teacher_widths = [teacher_shapes.stages[i][0] for i in self.teacher_points]
+            raise ValueError("MHGD needs at least two post-activation stage outputs in each network")
+        self.student_points = list(range(len(student_stages)))[-count:]
+        self.teacher_points = list(range(len(teacher_stages)))[-count:]
+        student_widths = [student_stages[i][0] for i in self.student_points]
+        self.teacher_widths = [teacher_stages[i][0] for i in self.teacher_points]
         # The attention networks live in the teacher's widths: they are trained on the
         # teacher's vectors, and G_T uses the teacher's vectors with no projection.
         self.attention = nn.ModuleList(
             AttentionNetwork(front, back, self.config.heads)
             for front, back in zip(self.teacher_widths[:-1], self.teacher_widths[1:]))
         self.projections = nn.ModuleDict({
-            str(point): _linear_bn(student, teacher)
+            str(point): width_projection(student, teacher)
             for point, (student, teacher) in enumerate(zip(student_widths, self.teacher_widths))
             if student != teacher})
 
@@ -229,20 +280,17 @@ class MHGD(Method):
     def teacher_vectors(self, t: Features) -> list[Tensor]:
         """V_T per sensing point: the first right singular vector, (B, C_t), no gradient."""
         with torch.no_grad():
-            return [right_singular_vectors(t.stages[i], 1)[..., 0] for i in self.teacher_points]
+            return [right_singular_vectors(t.postact_stages[i], 1)[..., 0] for i in self.teacher_points]
 
     def student_vectors(self, s: Features, teacher: list[Tensor]) -> list[Tensor]:
-        """V_S per sensing point: the student's candidates (projected to the teacher's width
-        where the widths differ), aligned to the teacher's vector, (B, C_t)."""
+        """V_S per sensing point: the candidates of the student's map (projected to the teacher's
+        width first where the widths differ), aligned to the teacher's vector, (B, C_t)."""
         vectors = []
         for point, (index, target) in enumerate(zip(self.student_points, teacher)):
-            candidates = right_singular_vectors(s.stages[index], self.config.svd_student_vectors)
-            projection = self.projections[str(point)] if str(point) in self.projections else None
-            if projection is not None:
-                batch, width, count = candidates.shape
-                flat = canonical_sign(candidates).transpose(1, 2).reshape(batch * count, width)
-                projected = F.normalize(projection(flat), dim=-1)
-                candidates = projected.view(batch, count, -1).transpose(1, 2)
+            feature_map = s.postact_stages[index]
+            if str(point) in self.projections:
+                feature_map = self.projections[str(point)](feature_map)
+            candidates = right_singular_vectors(feature_map, self.config.svd_student_vectors)
             vectors.append(align_to_teacher(candidates, target))
         return vectors
 
@@ -293,9 +341,10 @@ class MHGD(Method):
     def backward(self, terms: Mapping[str, Tensor], student_parameters: list[nn.Parameter],
                  progress: Progress) -> None:
         """g = ∇CE + clip_by_norm(∇transfer, ‖∇CE‖·sigmoid(epoch)) per student parameter tensor
-        (op_util.py Optimizer_w_MHGD clips each variable's gradient separately); the projections
-        get their plain gradient; any other term is added unclipped. Two backward passes over
-        one graph: the clip needs ∇CE and ∇transfer of every tensor apart."""
+        (op_util.py Optimizer_w_MHGD clips each variable's gradient separately); the width
+        projections' transfer gradient is clipped the same way, to ‖∇R‖·sigmoid(epoch) of their
+        regulariser R (``clip_projection_gradients``); any other term is added unclipped. Two
+        backward passes over one graph: the clip needs ∇CE and ∇transfer of every tensor apart."""
         student = [p for p in student_parameters if p.requires_grad]
         extra = [p for p in iter_parameters(self.trainable_modules()) if p.requires_grad]
         others = [term for name, term in terms.items() if name not in ("ce", TRANSFER)]
@@ -305,12 +354,12 @@ class MHGD(Method):
                                        allow_unused=True)
         ce_grads = [grad if grad is not None else torch.zeros_like(parameter)
                     for parameter, grad in zip(student, ce_grads)]
-        grads = clip_transfer_gradients(ce_grads, list(transfer_grads[:len(student)]),
-                                        transfer_bound_factor(progress.epoch))
-        for parameter, grad in zip(student, grads):
+        factor = transfer_bound_factor(progress.epoch)
+        grads = clip_transfer_gradients(ce_grads, list(transfer_grads[:len(student)]), factor)
+        grads += clip_projection_gradients(extra, list(transfer_grads[len(student):]), factor,
+                                           self.config.projection_l2)
+        for parameter, grad in zip(student + extra, grads):
             parameter.grad = grad
-        for parameter, grad in zip(extra, transfer_grads[len(student):]):
-            parameter.grad = grad if grad is not None else torch.zeros_like(parameter)
         if others:
             for parameter, grad in zip(student + extra, torch.autograd.grad(
                     torch.stack(others).sum(), student + extra, allow_unused=True)):

@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdbench.method import Batch, FeatureShapes, Features, Progress
+from kdbench.method import POSTACT_STAGES, Batch, FeatureShapes, Features, Progress
 from kdbench.models import build_model
 from kdbench.spec import RunSpec
 from kdbench.store import Store
 from kdbench.taps import FeatureTaps
+from kdbench.spectral import align_to_teacher, right_singular_vectors
 from kdbench.train import shapes_of, train
 from kdbench.worker import run_job
 from methods.mhgd import (
@@ -25,15 +26,17 @@ from methods.mhgd import (
     transfer_bound_factor,
 )
 
-WRN_SHAPES = FeatureShapes(stages=((16, 16, 16), (32, 8, 8), (64, 4, 4)), embedding=(64,), num_classes=10)
+# MHGD reads the post-activation stage outputs only (its taps).
+WRN_SHAPES = FeatureShapes(stages=(), embedding=(), num_classes=10,
+                           postact_stages=((16, 16, 16), (32, 8, 8), (64, 4, 4)))
 
 
 def features(stages: list[torch.Tensor]) -> Features:
-    return Features(logits=torch.zeros(stages[0].shape[0], 10), stages=stages)
+    return Features(logits=torch.zeros(stages[0].shape[0], 10), postact_stages=stages)
 
 
 def random_stages(shapes: FeatureShapes, batch: int, requires_grad: bool = False) -> list[torch.Tensor]:
-    return [torch.randn(batch, *shape).relu().requires_grad_(requires_grad) for shape in shapes.stages]
+    return [torch.randn(batch, *shape).relu().requires_grad_(requires_grad) for shape in shapes.postact_stages]
 
 
 def built(student: FeatureShapes = WRN_SHAPES, teacher: FeatureShapes = WRN_SHAPES) -> MHGD:
@@ -47,13 +50,13 @@ def built(student: FeatureShapes = WRN_SHAPES, teacher: FeatureShapes = WRN_SHAP
 def test_loss_gradients_finite_for_all_zero_feature_maps():
     method = built()
     teacher = features(random_stages(WRN_SHAPES, 6))
-    for student_stages in ([torch.zeros(6, *shape, requires_grad=True) for shape in WRN_SHAPES.stages],
+    for student_stages in ([torch.zeros(6, *shape, requires_grad=True) for shape in WRN_SHAPES.postact_stages],
                            [torch.zeros(6, *shape).index_fill(0, torch.tensor([0, 3]), 1.0).requires_grad_(True)
-                            for shape in WRN_SHAPES.stages]):
+                            for shape in WRN_SHAPES.postact_stages]):
         terms = method.loss(features(student_stages), teacher, None, Progress(0, 2, 0, 1, 1))
         grads = torch.autograd.grad(terms[TRANSFER], student_stages)
         assert torch.isfinite(terms[TRANSFER]) and all(torch.isfinite(g).all() for g in grads)
-    zero_teacher = features([torch.zeros(6, *shape) for shape in WRN_SHAPES.stages])
+    zero_teacher = features([torch.zeros(6, *shape) for shape in WRN_SHAPES.postact_stages])
     stage = method.pretrain_stages()[0]
     total = sum(stage.loss(None, zero_teacher, None).values())
     total.backward()
@@ -84,6 +87,54 @@ def test_stage_counts_that_differ_pair_the_last_points_and_project_widths():
     vectors = method.student_vectors(student, method.teacher_vectors(teacher))
     assert [v.shape for v in vectors] == [(4, 256), (4, 512), (4, 512)]
     assert method.graph_logits(vectors).shape == (2, 8, 4, 4)
+
+
+def test_sensing_points_are_the_post_activation_outputs_of_both_networks():
+    """On a pre-activation WRN the sensing points are relu(bn(stage output)) (spec §1), computed
+    here from the model's modules, not the raw residual sums AT reads."""
+    torch.manual_seed(6)
+    model = build_model("wrn_10_1", 10).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):  # not the near-identity of its init
+                module.running_mean.normal_(0, 0.5)
+                module.bias.normal_(0, 0.5)
+    taps = FeatureTaps(model, MHGD.teacher_taps)
+    images = torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        t = taps.pop(model(images))
+        method = built(student=shapes_of(t), teacher=shapes_of(t))
+        s1 = model.block1(model.conv1(images))
+        s2 = model.block2(s1)
+        s3 = model.block3(s2)
+        sensed = [F.relu(model.block2.layer[0].bn1(s1)), F.relu(model.block3.layer[0].bn1(s2)),
+                  F.relu(model.bn1(s3))]
+        expected = [right_singular_vectors(m, 1)[..., 0] for m in sensed]
+        raw = [right_singular_vectors(m, 1)[..., 0] for m in (s1, s2, s3)]
+        got = method.teacher_vectors(t)
+    assert MHGD.student_taps == MHGD.teacher_taps == {POSTACT_STAGES}
+    for ours, theirs, residual in zip(got, expected, raw):
+        torch.testing.assert_close(ours, theirs)
+        assert not torch.allclose(ours.abs(), residual.abs(), atol=1e-3)
+
+
+def test_width_projection_is_a_1x1_conv_and_bn_on_the_map_before_the_decomposition():
+    student_shapes = FeatureShapes(stages=(), embedding=(), num_classes=10,
+                                   postact_stages=((8, 8, 8), (16, 4, 4), (32, 2, 2)))
+    method = built(student=student_shapes, teacher=WRN_SHAPES)
+    projection = method.projections["1"]
+    assert sum(p.numel() for p in projection.parameters()) == 16 * 32 + 2 * 32  # no bias
+    torch.manual_seed(7)
+    student = features(random_stages(student_shapes, 5, requires_grad=True))
+    teacher = method.teacher_vectors(features(random_stages(WRN_SHAPES, 5)))
+    method.projections.train()
+    vectors = method.student_vectors(student, teacher)
+    for point in range(3):
+        weight, norm = method.projections[str(point)][0].weight, method.projections[str(point)][1]
+        mapped = torch.einsum("oc,bchw->bohw", weight[:, :, 0, 0], student.postact_stages[point])
+        mapped = F.batch_norm(mapped, None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
+        expected = align_to_teacher(right_singular_vectors(mapped, 4), teacher[point])
+        torch.testing.assert_close(vectors[point], expected, atol=1e-4, rtol=0)  # fp32 eigh of equal maps
 
 
 def test_kl_is_zero_when_student_and_teacher_vectors_coincide_and_positive_otherwise():
@@ -163,6 +214,8 @@ def test_transfer_gradient_never_exceeds_the_ce_bound_per_parameter(epoch):
     parameters = list(student.parameters())
     ce_grads = torch.autograd.grad(terms["ce"], parameters, retain_graph=True)
     transfer_grads = torch.autograd.grad(terms[TRANSFER], parameters, retain_graph=True, allow_unused=True)
+    projections = list(method.projections.parameters())
+    projection_transfer = torch.autograd.grad(terms[TRANSFER], projections, retain_graph=True)
     method.backward(terms, parameters, progress)
     factor = transfer_bound_factor(epoch)
     clipped = 0
@@ -173,7 +226,22 @@ def test_transfer_gradient_never_exceeds_the_ce_bound_per_parameter(epoch):
             clipped += 1
             torch.testing.assert_close(added, factor * ce_grad.norm(), rtol=1e-4, atol=1e-10)
     assert clipped > 0  # the bound was exercised, not trivially met
-    assert all(p.grad is not None for p in method.projections.parameters())
+    # The width projections (wrn_10_1 → wrn_10_2: 16/32/64 → 32/64/128) obey the same rule, their
+    # bound being the gradient of their regulariser R = 5e-4·Σv² (CE does not reach them; TF2
+    # op_util.py clips every trained variable to ‖∇(CE + R)‖); the raw transfer gradient is far
+    # larger, so most tensors are clipped to it exactly.
+    assert len(projections) == 9  # 3 × (1×1 conv weight, BN γ, BN β)
+    clipped = 0
+    for parameter, raw in zip(projections, projection_transfer):
+        bound = factor * (2 * 5e-4 * parameter.detach()).norm()
+        assert parameter.grad.norm() <= bound * (1 + 1e-4) + 1e-12
+        if raw.norm() > bound > 0:
+            clipped += 1
+            torch.testing.assert_close(parameter.grad.norm(), bound, rtol=1e-4, atol=1e-12)
+            assert torch.nn.functional.cosine_similarity(parameter.grad.flatten(), raw.flatten(), dim=0) > 0.9999
+    assert clipped >= 3  # the bound was exercised
+    for beta in projections[2::3]:  # BN β starts at 0: a zero bound, as in the reference
+        assert torch.equal(beta.grad, torch.zeros_like(beta))
     assert all(p.grad is None for p in method.attention.parameters())
 
 
