@@ -19,7 +19,6 @@ the same resolution RepDistiller uses (see kdbench/models/vgg.py).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -52,24 +51,26 @@ def regressor(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) ->
     """Conv + BN from the guided layer's (C, H, W) to the hint layer's; the ReLU is applied in
     ``FitNet.regress`` (whether depends on the hint layer, see ``regressor_relu``).
 
-    Follows RepDistiller's ConvReg: a 3×3 conv when the spatial sizes match, a stride-2 3×3 conv
-    when the student's map is twice as large, a stride-2 4×4 transposed conv when it is half as
-    large, a "valid" conv of kernel 1 + H_s − H_t when it is otherwise larger. Where ConvReg
-    gives up (a smaller student map that is not half the size, e.g. 4 vs 7 px on 28-px input),
-    we resize bilinearly before a 3×3 conv."""
+    RepDistiller's ConvReg (models/util.py; mdistiller's _common.py is the same), its cases in
+    its order, decided on the height as it does:
+    - the student's map twice the teacher's (H_s = 2·H_t): a 3×3 conv, stride 2, padding 1;
+    - half of it (2·H_s = H_t): a 4×4 transposed conv, stride 2, padding 1;
+    - otherwise larger or equal: a "valid" conv of kernel (1 + H_s − H_t, 1 + W_s − W_t), which
+      for the equal sizes of every standard pair is a **1×1 conv**;
+    all with bias (PyTorch's default there), then BatchNorm2d. Where ConvReg raises (a smaller
+    student map that is not half the size, e.g. 3 vs 7 px on 28-px input), we resize bilinearly
+    to the hint's size and use its equal-size case, the 1×1 conv."""
     (c_s, h_s, w_s), (c_t, h_t, w_t) = student_shape, teacher_shape
     layers: list[nn.Module]
-    if (h_s, w_s) == (h_t, w_t):
-        layers = [nn.Conv2d(c_s, c_t, 3, padding=1)]
-    elif (math.ceil(h_s / 2), math.ceil(w_s / 2)) == (h_t, w_t):
-        layers = [nn.Conv2d(c_s, c_t, 3, stride=2, padding=1)]  # output ceil(H/2): odd sizes too
-    elif (2 * h_s, 2 * w_s) == (h_t, w_t):
+    if h_s == 2 * h_t:
+        layers = [nn.Conv2d(c_s, c_t, 3, stride=2, padding=1)]
+    elif 2 * h_s == h_t:
         layers = [nn.ConvTranspose2d(c_s, c_t, 4, stride=2, padding=1)]
     elif h_s >= h_t and w_s >= w_t:
         layers = [nn.Conv2d(c_s, c_t, (1 + h_s - h_t, 1 + w_s - w_t))]
     else:
         layers = [nn.Upsample(size=(h_t, w_t), mode="bilinear", align_corners=False),
-                  nn.Conv2d(c_s, c_t, 3, padding=1)]
+                  nn.Conv2d(c_s, c_t, 1)]
     return nn.Sequential(*layers, nn.BatchNorm2d(c_t))
 
 

@@ -12,8 +12,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kdbench.method import Batch, FeatureShapes, Features, Progress
+from kdbench.models import build_model
+from kdbench.taps import FeatureTaps
+from kdbench.train import shapes_of
 from methods.at import AT, ATConfig, at_loss, attention_map, pair_stages
 from methods.fitnet import FitNet, FitNetConfig, hint_loss, regressor
 from methods.kd import KD, KDConfig, kd_loss
@@ -107,17 +111,58 @@ def test_hint_loss_hand_computed_and_zero_for_equal_features() -> None:
     assert hint_loss(features, features.clone()).item() == 0.0
 
 
-@pytest.mark.parametrize("student_shape, teacher_shape", [
-    ((16, 8, 8), (32, 8, 8)),  # same size: 3×3 conv
-    ((16, 16, 16), (32, 8, 8)),  # twice as large: stride 2 (a WRN guided layer, a VGG hint)
-    ((16, 7, 7), (32, 4, 4)),  # 28-px inputs: odd sizes, ceil(7/2) = 4
-    ((16, 4, 4), (32, 8, 8)),  # half as large: transposed conv
-    ((16, 8, 8), (32, 5, 5)),  # larger, not twice: a "valid" conv
-    ((16, 4, 4), (32, 7, 7)),  # smaller, not half: resize, then conv
-])
-def test_regressor_maps_to_the_hint_shape(student_shape: tuple, teacher_shape: tuple) -> None:
+# (student (C, H, W), teacher (C, H, W), the regressor's layer, its parameters): RepDistiller's
+# ConvReg case by case (models/util.py), counted by hand as conv weight + conv bias + BN γ, β.
+REGRESSOR_CASES = [
+    ((16, 8, 8), (32, 8, 8), "1×1 conv", 16 * 32 + 32 + 64),  # equal sizes: every standard pair
+    ((16, 16, 16), (32, 8, 8), "3×3 conv, stride 2", 16 * 32 * 9 + 32 + 64),  # twice as large
+    ((16, 14, 14), (32, 7, 7), "3×3 conv, stride 2", 16 * 32 * 9 + 32 + 64),  # 28 px: 14 → 7
+    ((16, 4, 4), (32, 8, 8), "4×4 transposed conv", 16 * 32 * 16 + 32 + 64),  # half as large
+    ((16, 8, 8), (32, 5, 5), "valid 4×4 conv", 16 * 32 * 16 + 32 + 64),  # larger: kernel 1 + 8 − 5
+    ((16, 7, 7), (32, 4, 4), "valid 4×4 conv", 16 * 32 * 16 + 32 + 64),  # odd: 7 ≠ 2·4, kernel 1 + 7 − 4
+    ((16, 3, 3), (32, 7, 7), "resize, 1×1 conv", 16 * 32 + 32 + 64),  # smaller, not half: ConvReg raises
+]
+
+
+@pytest.mark.parametrize("student_shape, teacher_shape, layer, parameters", REGRESSOR_CASES,
+                         ids=[case[2].replace("×", "x") for case in REGRESSOR_CASES])
+def test_regressor_is_convreg_case_by_case(student_shape, teacher_shape, layer, parameters) -> None:
     module = regressor(student_shape, teacher_shape)
     assert tuple(module(torch.randn(2, *student_shape)).shape[1:]) == teacher_shape
+    assert sum(p.numel() for p in module.parameters()) == parameters
+    conv = next(m for m in module if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
+    kernel = {"1×1 conv": (1, 1), "3×3 conv, stride 2": (3, 3), "4×4 transposed conv": (4, 4),
+              "valid 4×4 conv": (4, 4), "resize, 1×1 conv": (1, 1)}[layer]
+    assert conv.kernel_size == kernel and isinstance(conv, nn.ConvTranspose2d) == ("transposed" in layer)
+    assert isinstance(module[-1], nn.BatchNorm2d) and conv.bias is not None
+
+
+# The standard CIFAR-100 pairs (specs/methods.md), hint and guided layer RepDistiller's
+# hint_layer 2 (stage output 1): all at equal sizes, so a 1×1 conv (+ bias) and BN. The issue's
+# figure for wrn_40_2 → wrn_16_2 is 4,288 (a 3×3 conv had 37,056).
+STANDARD_PAIRS = [
+    ("wrn_40_2", "wrn_16_2", 64 * 64 + 64 + 2 * 64),  # 4,288
+    ("wrn_40_2", "wrn_40_1", 32 * 64 + 64 + 2 * 64),  # 2,240
+    ("resnet56", "resnet20", 32 * 32 + 32 + 2 * 32),  # 1,120
+    ("resnet110", "resnet32", 32 * 32 + 32 + 2 * 32),  # 1,120
+    ("resnet32x4", "resnet8x4", 128 * 128 + 128 + 2 * 128),  # 16,768
+    ("vgg13", "vgg8", 256 * 256 + 256 + 2 * 256),  # 66,304
+]
+
+
+@pytest.mark.parametrize("teacher, student, parameters", STANDARD_PAIRS)
+def test_regressor_parameters_on_the_standard_pairs(teacher: str, student: str, parameters: int) -> None:
+    shapes = []
+    for arch in (student, teacher):
+        model = build_model(arch, num_classes=100).eval()
+        taps = FeatureTaps(model, FitNet.student_taps)
+        with torch.no_grad():
+            shapes.append(shapes_of(taps.pop(model(torch.zeros(2, 3, 32, 32))), model))
+        taps.remove()
+    method = FitNet()
+    method.build(shapes[0], shapes[1], num_train=10)
+    assert method.extra_parameters() == parameters
+    assert method.regressor[0].kernel_size == (1, 1)
 
 
 def built_fitnet(**overrides) -> FitNet:
