@@ -121,7 +121,8 @@ class FitNet(Method):
     display_name = "FitNets"
     fidelity = FIDELITY_PAPER
     fidelity_note = ("the paper's two-stage training (Algorithm 1) by default, hint/guided layers "
-                     "and weight 100 as RepDistiller; stages=1 is RepDistiller/mdistiller's variant")
+                     "weight 100 and regressor (ConvReg) as RepDistiller; stages=1 is "
+                     "RepDistiller/mdistiller's variant")
     Config = FitNetConfig
     student_taps = frozenset({STAGES})
     teacher_taps = frozenset({STAGES})
