@@ -616,16 +616,32 @@ def _attach_published(cells: pd.DataFrame, published: Mapping[str, Any],
     if not metric.startswith("top1"):
         return used
     table = published.get("settings", {})
+    sources = published.get("sources", {})
     for index, cell in cells.iterrows():
-        entry = table.get(cell["setting"])
-        if not entry or cell["method"] not in entry.get("top1", {}):
+        found = _published_number(table.get(cell["setting"]), sources, cell["method"], metric)
+        if found is None:
             continue
-        value = float(entry["top1"][cell["method"]])
-        source = entry["source"]
+        value, source = found
         cells.loc[index, "published"] = value
         cells.loc[index, "published_source"] = source
         std = cell["std"]
         cells.loc[index, "published_outside_2std"] = bool(
             math.isfinite(std) and abs(cell["mean"] - value) > 2 * std)
-        used[source] = dict(published.get("sources", {}).get(source, {}))
+        used[source] = dict(sources.get(source, {}))
     return used
+
+
+def _published_number(entry: Mapping[str, Any] | None, sources: Mapping[str, Any], method: str,
+                      metric: str) -> tuple[float, str] | None:
+    """(number, source) published for ``method`` in a setting's entry of published.json, from
+    the first source that reports the table's epoch: a best-epoch number is never compared
+    with a last-epoch mean, nor the other way round. A source that names no epoch counts as
+    "last" (published.json's first sources all do)."""
+    if not entry:
+        return None
+    epoch = "best" if metric.endswith("_best") else "last"
+    for part in [entry, *entry.get("also", [])]:
+        source = part.get("source")
+        if method in part.get("top1", {}) and sources.get(source, {}).get("epoch", "last") == epoch:
+            return float(part["top1"][method]), source
+    return None

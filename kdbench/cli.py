@@ -99,6 +99,12 @@ def build_parser() -> ArgumentParser:
                      help="slurm: run jobs from a copy of the code, so edits while they queue "
                           "do not change what they run")
     run.add_argument("--no-table", action="store_true", help="do not print the table at the end")
+    stale = run.add_mutually_exclusive_group()
+    stale.add_argument("--retrain-stale", action="store_true",
+                       help="retrain stored results made by other code (another version of the "
+                            "method's file or of the engine); their records move to runs/stale/")
+    stale.add_argument("--keep-stale", action="store_true",
+                       help="keep stored results made by other code as they are (tables mark them)")
     run.add_argument("--dry-run", action="store_true", help="show what would run, run nothing")
 
     commands.add_parser("list", help="methods (with their papers), settings and architectures")
@@ -234,7 +240,10 @@ def command_run(args: argparse.Namespace) -> int:
     # the teacher row belongs in every table.
     teachers = grid.teachers()
     todo_teachers = [spec for spec in teachers if state_of(spec, store).state != "done"]
-    todo_students = [spec for spec in students if state_of(spec, store).state != "done"]
+    student_states = [state_of(spec, store) for spec in students]
+    retrain = check_stale(args, student_states, store)
+    todo_students = [state.spec for state in student_states
+                     if state.state != "done" or state.spec.id in retrain]
     stored = len(students) - len(todo_students)
     total = len(students)
     print(f"kdbench: {total} student runs ({len(grid.methods)} methods × {len(grid.seeds)} seeds × "
@@ -278,6 +287,38 @@ def command_run(args: argparse.Namespace) -> int:
         except UserError as error:  # e.g. every run failed: nothing to tabulate
             print(f"kdbench: no table: {error}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def check_stale(args: argparse.Namespace, states: list, store) -> set[str]:
+    """Stored results made by other code than the installed (kdbench/staleness.py): one line
+    per method, and the user's choice. Returns the ids to retrain.
+
+    Without --retrain-stale or --keep-stale it stops before anything is trained or written
+    (exit 2): a re-run would otherwise either mix two versions in one table or discard
+    results that took hours, and only the user knows which is meant. --retrain-stale moves
+    the old records to runs/stale/ (never deleted) before the runs are redone."""
+    from kdbench.grid import stale_lines, stale_runs
+
+    stale = stale_runs(states)
+    if not stale:
+        return set()
+    choice = ("--retrain-stale retrains them, --keep-stale keeps them" if not (args.retrain_stale or args.keep_stale)
+              else "retraining them (--retrain-stale)" if args.retrain_stale else "kept (--keep-stale)")
+    for line in stale_lines(stale):
+        print(f"kdbench: {line}; {choice}", file=sys.stderr, flush=True)
+    count = sum(len(runs) for runs in stale.values())
+    if not (args.retrain_stale or args.keep_stale):
+        raise UserError(f"{count} stored result{'s were' if count != 1 else ' was'} made by other code "
+                        "than the installed (above): choose --retrain-stale or --keep-stale; nothing was run")
+    if args.keep_stale:
+        return set()
+    ids = {state.spec.id for runs in stale.values() for state in runs}
+    if not args.dry_run:
+        for run_id in sorted(ids):
+            store.set_aside(run_id)
+        print(f"kdbench: {count} stale record{'s' if count != 1 else ''} moved to {store.stale_dir}/",
+              file=sys.stderr, flush=True)
+    return ids
 
 
 def runs_on_gpu(args: argparse.Namespace) -> bool:

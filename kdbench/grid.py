@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kdbench.spec import FP32, STUDENT, RunSpec, record_precision
+from kdbench.staleness import CodeVersion, is_stale, stale_summary
 from kdbench.store import CorruptRecord, Store
 
 BASELINE = "vanilla"  # the "Student" row every table needs
@@ -89,3 +90,45 @@ def state_of(spec: RunSpec, store: Store) -> RunState:
         error = record.get("error") or {}
         return RunState(spec, "failed", f"{error.get('type', '')}: {error.get('message', '')}", record)
     return RunState(spec, "missing")
+
+
+@dataclass(frozen=True)
+class InstalledCode:
+    """The code a run of ``method`` would be made by now."""
+
+    version: CodeVersion
+    files: dict[str, str]  # label → sha256 (kdbench/sources.py)
+
+
+def installed_code(method: str) -> InstalledCode:
+    from kdbench import registry, sources
+    from kdbench.train import TRAINING_VERSION
+
+    files = sources.file_hashes(registry.get(method))
+    return InstalledCode(CodeVersion(sources.combined_sha256(files), TRAINING_VERSION), files)
+
+
+def stale_runs(states: list[RunState]) -> dict[str, list[RunState]]:
+    """The done student runs whose records were made by other code than the installed one,
+    by method (in the order the methods first appear). Teachers are inputs, identified by
+    their weights' checksum, and are not judged here."""
+    installed: dict[str, InstalledCode] = {}
+    stale: dict[str, list[RunState]] = {}
+    for state in states:
+        if state.state != "done" or state.spec.role != STUDENT or state.record is None:
+            continue
+        method = state.spec.method
+        if method not in installed:
+            installed[method] = installed_code(method)
+        if is_stale(state.record, installed[method].version):
+            stale.setdefault(method, []).append(state)
+    return stale
+
+
+def stale_lines(stale: dict[str, list[RunState]]) -> list[str]:
+    """One line per method, as ``stale_summary`` words it."""
+    lines = []
+    for method, states in stale.items():
+        code = installed_code(method)
+        lines.append(stale_summary(method, [state.record for state in states], code.version, code.files))
+    return lines

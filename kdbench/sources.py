@@ -2,10 +2,12 @@
 
 A method's code is the file that defines its class and, transitively, every module of the same
 top-level package that the file uses: ``methods/fitnet.py`` runs ``methods/kd.py``'s loss, so
-editing either changes what a fitnet run computes. The engine's own package (``kdbench``) is
-not followed: what the engine computes is versioned by ``kdbench.train.TRAINING_VERSION``.
-A class names further modules in ``Method.source_modules`` (a composition built in kdbench/
-names its parts').
+editing either changes what a fitnet run computes. The kdbench modules it uses are part of it
+too (``methods/mhgd.py`` computes with ``kdbench/spectral.py``), as leaves — what they use in
+turn is the engine's — except the plugin interface ``kdbench/method.py``: the engine and the
+interface are versioned by ``kdbench.train.TRAINING_VERSION``, and hashing them into every
+method would call every result stale at each edit of a docstring there. A class names further
+modules in ``Method.source_modules`` (a composition built in kdbench/ names its parts').
 
 A file is labelled by its module's dotted name as a path (``methods/kd.py``), never by where
 it is installed, so that two machines (or a SLURM snapshot of the code) hash the same code to
@@ -24,6 +26,7 @@ from types import ModuleType
 from kdbench.store import sha256_file
 
 ENGINE_PACKAGE = "kdbench"
+INTERFACE_MODULE = "kdbench.method"  # versioned with the engine, never hashed into a method
 UNKNOWN = "unknown"  # no source file (a class defined in an interactive session)
 
 
@@ -39,7 +42,9 @@ def _label(module: ModuleType, path: Path) -> str:
 
 
 def _modules_used(module: ModuleType) -> list[ModuleType]:
-    """Modules of ``module``'s own top-level package that its globals come from."""
+    """Modules of ``module``'s own top-level package, and kdbench modules other than the
+    interface, that its globals come from. A kdbench module is a leaf: nothing is followed
+    from it."""
     package = _top_package(module)
     if package == ENGINE_PACKAGE:
         return []
@@ -51,7 +56,11 @@ def _modules_used(module: ModuleType) -> list[ModuleType]:
             candidate = sys.modules.get(getattr(value, "__module__", "") or "")
         else:
             continue
-        if candidate is not None and _top_package(candidate) == package:
+        if candidate is None:
+            continue
+        engine = _top_package(candidate) == ENGINE_PACKAGE and candidate.__name__ not in (
+            ENGINE_PACKAGE, INTERFACE_MODULE)
+        if _top_package(candidate) == package or engine:
             used.append(candidate)
     return used
 

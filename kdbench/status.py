@@ -19,11 +19,13 @@ import dataclasses
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from kdbench.grid import RunState, state_of
+from kdbench.grid import RunState, stale_lines, stale_runs, state_of
 from kdbench.spec import FP32, PRECISIONS, TEACHER, RunSpec
 from kdbench.store import Store
 
-STATES = ("done", "failed", "running", "pending", "missing")
+# "stale": stored and done, but made by other code than the installed (kdbench/staleness.py);
+# `run` asks whether to retrain or keep them. "done" counts the others.
+STATES = ("done", "stale", "failed", "running", "pending", "missing")
 LISTED = 20  # at most this many running/pending runs are listed one per line
 
 
@@ -131,6 +133,10 @@ def print_status(args: argparse.Namespace) -> int:
                 if submission.run_id not in known:
                     states.append(state_of(RunSpec.from_json(submission.spec), store))
     states, note = with_slurm(states, store, results)
+    stale = stale_runs(states)
+    stale_ids = {state.spec.id for runs in stale.values() for state in runs}
+    states = [dataclasses.replace(state, state="stale") if state.spec.id in stale_ids else state
+              for state in states]
 
     table: dict[tuple[str, str], Counter] = defaultdict(Counter)
     for state in states:
@@ -153,6 +159,8 @@ def print_status(args: argparse.Namespace) -> int:
     for state in states:
         if state.state == "failed":
             print(f"failed: {state.spec.label()} ({state.spec.id}): {error_line(state)}")
+    for line in stale_lines(stale):
+        print(f"stale: {line}; `kdbench run` retrains them with --retrain-stale, keeps them with --keep-stale")
     for path in store.corrupt_files():
         print(f"unreadable record (will be redone): {path}")
     if note:

@@ -3,6 +3,8 @@
 Layout under the results directory (default ``results/``)::
 
     runs/<run id>.json          one record per run (students and teachers alike)
+    runs/stale/<id>.<sha>.json  records set aside by ``run --retrain-stale`` (made by other
+                                code; <sha>: the first 12 digits of their method's hash)
     checkpoints/<run id>.pt     the last epoch's checkpoint of a run in progress
     teachers/<run id>.pt        trained teacher weights (kept: every student reuses them)
     locks/                      file locks that keep two launches from training one teacher
@@ -112,6 +114,25 @@ class Store:
         if not path.exists():
             return None
         return read_record(path)
+
+    @property
+    def stale_dir(self) -> Path:
+        return self.runs_dir / "stale"
+
+    def set_aside(self, run_id: str) -> Path:
+        """Move the record of ``run_id`` to ``runs/stale/`` (kept, out of every table and of
+        what counts as stored); returns its new path. Never overwrites an earlier one."""
+        source = self.record_path(run_id)
+        record = read_record(source)
+        sha = ((record.get("provenance") or {}).get("method_source_sha256") or "unknown")[:12]
+        self.stale_dir.mkdir(parents=True, exist_ok=True)
+        target = self.stale_dir / f"{run_id}.{sha}.json"
+        copy = 1
+        while target.exists():
+            target = self.stale_dir / f"{run_id}.{sha}.{copy}.json"
+            copy += 1
+        os.replace(source, target)
+        return target
 
     def is_done(self, run_id: str) -> bool:
         try:

@@ -349,6 +349,25 @@ def test_published_file_covers_the_spec_tables() -> None:
     for entry in settings.values():
         source = published["sources"][entry["source"]]
         assert source["citation"] and source["epoch"] == "last" and source["aggregate"]
+    # mdistiller's DKD row (README, best epoch), one per same-family column.
+    dkd = {setting: also["top1"]["dkd"] for setting, entry in settings.items()
+           for also in entry.get("also", []) if also["source"] == "mdistiller"}
+    assert dkd == {"cifar100/resnet56-resnet20": 71.97, "cifar100/resnet110-resnet32": 74.11,
+                   "cifar100/resnet32x4-resnet8x4": 76.32, "cifar100/wrn_40_2-wrn_16_2": 76.23,
+                   "cifar100/wrn_40_2-wrn_40_1": 74.81, "cifar100/vgg13-vgg8": 74.68}
+    assert published["sources"]["mdistiller"]["epoch"] == "best"
+
+
+def test_published_numbers_are_compared_only_at_their_own_epoch(results: Path) -> None:
+    """A best-epoch number (mdistiller's DKD) next to a best-epoch mean, a last-epoch one
+    (RepDistiller's) next to a last-epoch mean, never across."""
+    published = load_published()
+    root = write_records(results.parent / "dkd", {A: {"dkd": [76.0, 76.2, 76.1], "kd": [74.9, 75.0, 74.8]}})
+    last = summarize(load_records(root), published=published, metric="top1_last")
+    best = summarize(load_records(root), published=published, metric="top1_best")
+    assert math.isnan(last.cell(A, "dkd")["published"]) and last.cell(A, "kd")["published"] == 74.92
+    assert best.cell(A, "dkd")["published"] == 76.23 and math.isnan(best.cell(A, "kd")["published"])
+    assert set(best.published_sources) == {"mdistiller"} and set(last.published_sources) == {"repdistiller"}
 
 
 def test_aggregation_modules_import_no_torch() -> None:

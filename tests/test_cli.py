@@ -105,10 +105,15 @@ def test_status_without_precision_shows_every_precision_the_store_holds(grid_res
     status = ["status", "--setting", "synthetic/tiny", "--methods", "kd", "--seeds", "2",
               "--results", str(results)]
     assert main(status) == 0
-    rows = {line.split()[1] + (" " + line.split()[2] if "(" in line else ""): line.split()[-5:]
-            for line in capsys.readouterr().out.splitlines()[1:]}
-    assert rows["kd"] == ["2", "0", "0", "0", "0"]  # the fp32 grid: both seeds done
-    assert rows["kd (bf16)"] == ["1", "0", "0", "0", "1"]  # bf16: seed 0 stored, seed 1 missing
-    assert rows["teacher"] == ["1", "0", "0", "0", "0"]  # one fp32 teacher, listed once
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[2:] == ["done", "stale", "failed", "running", "pending", "missing"]
+    rows = {line.split()[1] + (" " + line.split()[2] if "(" in line else ""): line.split()[-6:]
+            for line in lines[1:] if not line.startswith("stale:")}
+    assert rows["kd"] == ["2", "0", "0", "0", "0", "0"]  # the fp32 grid: both seeds done
+    # bf16: seed 0 stored (by a record that names no code: stale), seed 1 missing
+    assert rows["kd (bf16)"] == ["0", "1", "0", "0", "0", "1"]
+    assert rows["teacher"] == ["1", "0", "0", "0", "0", "0"]  # one fp32 teacher, listed once
+    assert ("stale: kd: 1 stored result was made by other code (1 by another version of methods/kd.py "
+            "(sha256 not recorded vs ") in "\n".join(lines)
     assert main([*status, "--precision", "fp32"]) == 0
     assert "bf16" not in capsys.readouterr().out

@@ -336,6 +336,8 @@ def with_defaults(method_class: type[Method], **defaults) -> type[Method]:
     ("fitnet", {"regressor_relu": "always"}),
     ("at", {"beta_halved": True}),
     ("rkd", {"normalize": True}),
+    ("kd", {"logit_standardization": True}),
+    ("dkd", {"logit_standardization": True}),
 ])
 def test_builtin_options_meet_the_contract(name: str, defaults: dict) -> None:
     check_method_class(with_defaults(registry.get(name), **defaults), name)

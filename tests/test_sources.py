@@ -25,6 +25,11 @@ def test_fitnet_hash_covers_the_kd_loss_it_runs() -> None:
     assert registry.source_sha256(fitnet) == hashlib.sha256(lines.encode()).hexdigest()
 
 
+def test_kdbench_modules_a_method_computes_with_are_its_code_but_not_the_interface() -> None:
+    assert set(sources.source_files(registry.get("mhgd"))) == {"methods/mhgd.py", "kdbench/spectral.py"}
+    assert "kdbench/method.py" not in sources.source_files(registry.get("kd"))
+
+
 def test_a_single_file_method_hashes_as_its_file() -> None:
     kd = registry.get("kd")
     assert registry.source_sha256(kd) == sha256_file(REPO / "methods" / "kd.py")
