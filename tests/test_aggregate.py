@@ -43,33 +43,47 @@ STUDENTS = {
 def make_record(setting: str, method: str, seed: int, value: float | None, *,
                 role: str = "student", config: dict | None = None,
                 overrides: dict | None = None, epochs: int = 240,
-                precision: str = "fp32") -> dict[str, Any]:
-    """A record in the format documented in kdbench/store.py; value None: a failed run."""
+                precision: str = "fp32", display_name: str | None = None,
+                fidelity: str | None = None, fidelity_note: str | None = None,
+                method_sha: str | None = "a" * 64, training_version: int | None = 1,
+                teacher_checkpoint: str | None = None, train_subset: int | None = None,
+                resolved_config: dict | None = None, **provenance: Any) -> dict[str, Any]:
+    """A record in the format documented in kdbench/store.py, with the fields interfaces.md
+    adds (method_display_name; provenance fidelity, fidelity_note, method_source_sha256,
+    training_version); value None: a failed run. Like train.py, the record's recipe holds the
+    spec's overrides and ``config`` the method's resolved config."""
     spec = {"setting": setting, "method": method, "seed": seed, "role": role,
             "config": config or {}, "overrides": overrides or {}, "teacher_seed": 0,
-            "teacher_checkpoint": None}
+            "teacher_checkpoint": teacher_checkpoint}
     if precision != "fp32":  # kdbench.spec leaves fp32 out of the JSON
         spec["precision"] = precision
     run_id = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     dataset, pair = setting.split("/")
     teacher, student = pair.split("-") if "-" in pair else ("wrn_16_2", "resnet8")
     done = value is not None
-    return {
+    recipe = {"epochs": epochs, "batch_size": 64, "lr": 0.05}
+    record = {
         "id": run_id,
         "status": "done" if done else "failed",
         "spec": spec,
         "setting": {"name": setting, "dataset": dataset, "teacher": teacher,
                     "student": student, "num_classes": 100,
-                    "recipe": {"epochs": epochs, "batch_size": 64, "lr": 0.05},
-                    "teacher_recipe": {"epochs": epochs, "batch_size": 64, "lr": 0.05},
+                    "recipe": {**recipe, **(overrides or {})},
+                    "teacher_recipe": recipe, "train_subset": train_subset,
                     "recipe_source": "common recipe (RepDistiller/mdistiller)"},
+        "config": {**(config or {}), **(resolved_config or {})},
         "metrics": {"top1_last": value, "top1_best": value + 0.25 + 0.01 * seed,
                     "top5_last": 92.0, "top5_best": 92.5, "best_epoch": 200} if done else None,
         "error": None if done else {"type": "RuntimeError", "message": "CUDA out of memory",
                                     "traceback": "...", "step": 123},
         "history": [],
-        "provenance": {"git_commit": "0123abc", "finished_at": f"2025-01-0{seed + 1}T00:00"},
+        "provenance": {"git_commit": "0123abc", "finished_at": f"2025-01-0{seed + 1}T00:00",
+                       "method_source_sha256": method_sha, "training_version": training_version,
+                       "fidelity": fidelity, "fidelity_note": fidelity_note, **provenance},
     }
+    if display_name is not None:
+        record["method_display_name"] = display_name
+    return record
 
 
 def write_records(root: Path, students: dict[str, dict[str, list[float | None]]],
@@ -295,7 +309,8 @@ def test_config_variants_become_separate_rows(tmp_path: Path) -> None:
     summary = summarize(load_records(tmp_path))
     assert summary.rows == ["vanilla", "kd[T=2]", "kd[T=4]"]
     assert summary.cell(A, "kd[T=4]")["mean"] == pytest.approx(75.0)
-    assert summary.cell(A, "kd[T=2]")["title"] == "kd[T=2]"
+    # The key is what --methods takes; the title is what a paper prints.
+    assert summary.cell(A, "kd[T=2]")["title"] == "kd (T = 2)"
     only = summarize(load_records(tmp_path), methods=["kd[T=4]"])
     assert only.rows == ["vanilla", "kd[T=4]"]
 
@@ -310,7 +325,7 @@ def test_two_student_experiments_in_a_column_are_refused(tmp_path: Path) -> None
         summarize(load_records(tmp_path))
     summary = summarize(load_records(tmp_path), methods=["vanilla[epochs=2]", "kd"])
     assert summary.cell(A, "vanilla[epochs=2]")["mean"] == pytest.approx(60.5)
-    assert summary.cell(A, "vanilla[epochs=2]")["title"] == "Student[epochs=2]"
+    assert summary.cell(A, "vanilla[epochs=2]")["title"] == "Student (epochs = 2)"
 
 
 def test_a_seed_recorded_twice_is_refused(tmp_path: Path) -> None:
