@@ -688,8 +688,9 @@ def _significance(cells: pd.DataFrame, runs: pd.DataFrame, settings: Sequence[st
         cells.loc[index, f"p_vs_{kind}"] = pairs[key]["p"]
         cells.loc[index, f"p_vs_{kind}_holm"] = adjusted[key]
         cells.loc[index, f"n_vs_{kind}"] = pairs[key]["n_pairs"]
-    family = [{**pairs[key], "kinds": ", ".join(pairs[key]["kinds"]), "p_holm": adjusted[key]}
-              for key in keys]
+    order = {"vs student": 0, "vs best": 1}
+    family = [{**pairs[key], "kinds": ", ".join(sorted(pairs[key]["kinds"], key=order.get)),
+               "p_holm": adjusted[key]} for key in keys]
     return pd.DataFrame(family, columns=["setting", "row_a", "row_b", "kinds", "p", "p_holm",
                                          "n_pairs"])
 
@@ -799,14 +800,18 @@ def _attach_published(cells: pd.DataFrame, published: Mapping[str, Any], metric:
     sources = published.get("sources", {})
     skipped: dict[str, str] = {}
     for index, cell in cells.iterrows():
+        matching = []
         for entry in published_entries(published, cell["setting"]):
             if cell["method"] not in entry.get("top1", {}):
                 continue
+            info = dict(sources.get(entry["source"], {}))
+            if source_epoch(info) == ours:
+                matching.append(entry)
+            else:
+                skipped[entry["source"]] = source_epoch(info)
+        for entry in matching[:1]:  # the first source listed for the setting wins
             key = entry["source"]
             info = dict(sources.get(key, {}))
-            if source_epoch(info) != ours:
-                skipped[key] = source_epoch(info)
-                continue
             value = float(entry["top1"][cell["method"]])
             cells.loc[index, "published"] = value
             cells.loc[index, "published_source"] = key
@@ -814,7 +819,6 @@ def _attach_published(cells: pd.DataFrame, published: Mapping[str, Any], metric:
             cells.loc[index, "published_outside_2std"] = bool(
                 math.isfinite(std) and abs(cell["mean"] - value) > 2 * std)
             used[key] = info
-            break
     for key, epoch in skipped.items():
         if key in used:
             continue

@@ -111,24 +111,32 @@ def row_titles(runs: pd.DataFrame, labels: Mapping[str, str] | None = None) -> d
         fields = varying.get(method, [])
         values = {row: _resolved_values(runs[runs["row"] == row].iloc[0], fields)
                   for row in members}
-        kept = [key for key in fields if not _explained_by_names(key, members, values, names)]
+        # A method's label renames all its rows alike: then its display names no longer tell
+        # variants apart, and the fields must.
+        printed = {row: labels.get(method, names[row]) for row in members}
+        kept = [key for key in fields if not _explained_by_names(key, members, values, printed)]
         short = short_names(kept)
         for row in members:
-            name = labels.get(method, names[row])
+            name = printed[row]
             parts = [f"{short[key]} = {values[row][key]}" for key in kept]
             titles[row] = f"{name} ({', '.join(parts)})" if parts else name
     # Two rows that would print alike (a default and the same value given explicitly): say
     # which is which by their keys rather than print a table with two equal row names.
-    counts = Counter(titles.values())
-    for row in rows:
-        if counts[titles[row]] > 1:
-            titles[row] = f"{titles[row]} [{row}]"
     for row, text in labels.items():
         if row in titles:
             titles[row] = text
-    clashes = [text for text, count in Counter(titles.values()).items() if count > 1]
-    if clashes:
-        raise UserError(f"--label gives two rows the title {clashes[0]!r}; each row needs its own")
+    labelled = {row for row in rows if row in labels or base(row) in labels}
+    groups: dict[str, list[str]] = {}
+    for row in rows:
+        groups.setdefault(titles[row], []).append(row)
+    for text, group in groups.items():
+        if len(group) < 2:
+            continue
+        if labelled & set(group):
+            raise UserError(f"--label gives two rows the title {text!r} "
+                            f"({', '.join(group)}); each row needs its own")
+        for row in group:
+            titles[row] = f"{text} [{row}]"
     return titles
 
 
