@@ -39,11 +39,21 @@ def require_matplotlib() -> None:
 
 def render_figure(summary: Summary, fmt: str, layout: Layout = Layout()) -> bytes:
     """The figure as PNG or PDF bytes."""
+    if fmt not in FORMATS:
+        raise ValueError(f"figure format {fmt!r}; choose from {FORMATS}")
+    figure = build_figure(summary, layout)
+    buffer = io.BytesIO()
+    # No creation date in PDFs: a regenerated, unchanged figure should not show as changed.
+    metadata = {"CreationDate": None} if fmt == "pdf" else {}
+    figure.savefig(buffer, format=fmt, bbox_inches="tight", dpi=200, metadata=metadata)
+    return buffer.getvalue()
+
+
+def build_figure(summary: Summary, layout: Layout = Layout()):
+    """The matplotlib Figure (no pyplot), one panel (Axes) per setting in table order."""
     require_matplotlib()
     from matplotlib.figure import Figure
 
-    if fmt not in FORMATS:
-        raise ValueError(f"figure format {fmt!r}; choose from {FORMATS}")
     cells = summary.cells
     methods = [row for row in summary.rows if row.split("[", 1)[0] != TEACHER]
     colours = {row: OKABE_ITO[i % len(OKABE_ITO)] for i, row in enumerate(methods)}
@@ -64,11 +74,7 @@ def render_figure(summary: Summary, fmt: str, layout: Layout = Layout()) -> byte
     width_chars = int(max(4.5, sum(widths)) * 19)
     figure.text(0.0, 0.0, "\n".join(textwrap.wrap(figure_caption(summary, layout), width_chars)),
                 fontsize=7, ha="left", va="top", transform=figure.transFigure)
-    buffer = io.BytesIO()
-    # No creation date in PDFs: a regenerated, unchanged figure should not show as changed.
-    metadata = {"CreationDate": None} if fmt == "pdf" else {}
-    figure.savefig(buffer, format=fmt, bbox_inches="tight", dpi=200, metadata=metadata)
-    return buffer.getvalue()
+    return figure
 
 
 def _panel(axes, summary: Summary, cells, methods, colours, layout: Layout) -> None:
