@@ -506,11 +506,6 @@ def _published_sentence(summary: Summary, mk: Markup) -> str:
             f"epoch as ours; {mk.symbols['published']}: more than 2 std from our mean.")
 
 
-def _below_table(summary: Summary) -> list[str]:
-    """Footnotes first (they explain rows), then the notes (failed seeds, versions, ...)."""
-    return [f"* {note}" for note in summary.footnotes] + list(summary.notes)
-
-
 # ---------------------------------------------------------------------------------------------
 # Formats
 # ---------------------------------------------------------------------------------------------
@@ -610,14 +605,20 @@ def render_power_markdown(power: PowerAnalysis, summary: Summary) -> str:
                                                             signed=True),
                _number(line["detectable_gap"], digits)]
         if gap is not None:
-            seeds = line["seeds_needed_for_gap"]
-            row += [_number(line["power_at_gap"], 2),
-                    "—" if seeds is None and not math.isfinite(line["pooled_sd"])
-                    else (f"more than {MOST_SEEDS}" if seeds is None or seeds != seeds
-                          else str(int(seeds)))]
+            row += [_number(line["power_at_gap"], 2), _seeds(line["seeds_needed_for_gap"],
+                                                           line["pooled_sd"])]
         rows.append(row)
     table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
     return "\n".join([f"Power: {power.how}", "", table])
+
+
+def _seeds(needed: Any, sigma: float) -> str:
+    """Seeds needed: a count, "more than MOST_SEEDS", or a dash where no spread is known."""
+    if not math.isfinite(sigma):
+        return "—"
+    if needed is None or needed != needed:  # None, or NaN after a DataFrame round trip
+        return f"more than {MOST_SEEDS}"
+    return str(int(needed))
 
 
 def _number(value: float, digits: int, signed: bool = False) -> str:
