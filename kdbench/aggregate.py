@@ -763,12 +763,17 @@ def _rank(cells: pd.DataFrame, settings: Sequence[str], decimals: int) -> None:
 
 
 def published_entries(published: Mapping[str, Any], setting: str) -> list[dict[str, Any]]:
-    """A setting's published entries: one dict ``{"source", "top1"}`` or a list of them (one
-    per source, e.g. RepDistiller's last-epoch numbers beside mdistiller's best-epoch ones)."""
+    """A setting's published entries ``{"source", "top1"}``, in order: the entry itself and
+    the further sources under its ``also`` (published.json's format: e.g. mdistiller's
+    best-epoch DKD numbers beside RepDistiller's last-epoch table), or a plain list of them."""
     entry = published.get("settings", {}).get(setting)
     if not entry:
         return []
-    return [dict(item) for item in (entry if isinstance(entry, list) else [entry])]
+    out = []
+    for item in (entry if isinstance(entry, list) else [entry]):
+        out.append({key: value for key, value in item.items() if key != "also"})
+        out += [dict(extra) for extra in item.get("also", [])]
+    return out
 
 
 def source_epoch(info: Mapping[str, Any]) -> str:

@@ -600,6 +600,13 @@ def test_published_numbers_are_compared_only_at_the_same_epoch(results: Path) ->
     assert any("published numbers of M are best-epoch" in note for note in last.notes)
     best = summarize(load_records(results), published=published, metric="best")
     assert best.cell(A, "kd")["published"] == 76.0 and list(best.published_sources) == ["best"]
+    # published.json's own form: further sources under the entry's "also".
+    nested = {"sources": published["sources"],
+              "settings": {A: {"source": "last", "top1": {"kd": 74.9},
+                               "also": [{"source": "best", "top1": {"kd": 76.0}}]}}}
+    assert summarize(load_records(results), published=nested,
+                     metric="best").cell(A, "kd")["published"] == 76.0
+    assert summarize(load_records(results), published=nested).cell(A, "kd")["published"] == 74.9
     # The format before lists: one entry per setting, still read.
     old = {"sources": published["sources"], "settings": {A: {"source": "last",
                                                              "top1": {"kd": 74.0}}}}
