@@ -8,10 +8,8 @@ Records are built by hand (tests/test_aggregate.make_record) with the fields tra
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from kdbench.revision import kdbench_revision
 from kdbench.store import Store, load_records
 from kdbench.tables import LATEX, MARKDOWN, Layout, caption, render_latex, render_markdown
 
-from test_aggregate import A, B, STUDENTS, TEACHERS, make_record, write_records
+from test_aggregate import A, STUDENTS, TEACHERS, make_record, write_records
 
 QUICK = "fashion_mnist/quick"
 HAVE_LATEX = all(shutil.which(tool) for tool in ("pdflatex", "pdftotext", "pdftoppm"))
