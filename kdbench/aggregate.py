@@ -9,7 +9,11 @@ The table's model
 - A *row* is the teacher ("teacher"), the student trained alone ("vanilla", shown as Student)
   or a method. Runs of one method whose specs differ in anything but the seed (a config field,
   a recipe override, the teacher seed) are different experiments: they become separate rows,
-  labelled with the fields that differ (``kd[T=2]``, ``kd[T=4]``), never pooled. Because the
+  keyed by the fields that differ (``kd[T=2]``, ``kd[T=4]``, the names ``methods=`` takes),
+  never pooled. A row's printed title (``Summary.titles``) is the records'
+  ``method_display_name`` ("KD", "CRD + KD"; the method's name for records made before it
+  existed) with the differing fields at their resolved values, "KD (T = 2)", and can be
+  renamed (``labels=``). Because the
   Student row is the reference of every comparison, a setting with two different Student
   variants is refused until ``methods=`` names one.
 - A *cell* aggregates the seeds of one row in one column: mean, sample std (ddof = 1), n, a
@@ -30,6 +34,24 @@ that is the column's best is compared with the Student once, not twice). All p-v
 table form one family, adjusted by Holm's step-down procedure (Holm 1979, "A simple
 sequentially rejective multiple test procedure", Scand. J. Statist. 6:65-70), which controls
 the family-wise error rate at alpha without assuming independence.
+
+Effect sizes
+------------
+Beside the test, each method's difference to the Student comes with its confidence interval
+(Welch: t_{(1+c)/2, df_W} * sqrt(s_a^2/n_a + s_b^2/n_b) with the Welch-Satterthwaite df; with
+``paired=True`` the paired interval over the shared seeds, so the interval always matches the
+test) and Hedges' g, the difference in units of the pooled within-cell std, times Hedges'
+small-sample correction J(df) = Gamma(df/2) / (sqrt(df/2) Gamma((df-1)/2)) (Hedges 1981,
+J. Educ. Stat. 6:107-128; df = n_a + n_b - 2), which removes the upward bias of d at
+a few seeds (J = 0.90 at 5 + 5 seeds).
+
+Versions and fidelity
+---------------------
+A record names the code that made it (``provenance.method_source_sha256`` and
+``provenance.training_version``). A cell never averages records of two versions silently:
+``summarize`` refuses unless ``pool_versions=True``, and then marks the cell; a row whose cells
+come from different versions (one per column) is marked too. A row built from a method whose
+declared fidelity is "reading of the paper" gets a footnote (``Summary.footnotes``).
 """
 
 from __future__ import annotations
@@ -47,13 +69,12 @@ import pandas as pd
 from scipy import stats
 
 from kdbench.errors import UserError
+from kdbench.rows import STUDENT, TEACHER, base as _base, label_rows, row_titles
 from kdbench.spec import record_precision
 
-# Row keys. The Teacher and Student rows use the spec's own vocabulary: a teacher record has
-# role "teacher"; the student trained alone is method "vanilla" (kdbench.spec, specs/methods.md).
-TEACHER = "teacher"
-STUDENT = "vanilla"
-ROW_TITLES = {TEACHER: "Teacher", STUDENT: "Student"}
+# The exact string of kdbench.method.FIDELITY_READING (interfaces.md); not imported, since
+# kdbench.method imports torch and tables must not.
+FIDELITY_READING = "reading of the paper"
 
 METRIC_ALIASES = {"last": "top1_last", "best": "top1_best"}
 METRICS = ("top1_last", "top1_best", "top5_last", "top5_best")
@@ -72,12 +93,18 @@ class Summary:
 
     ``cells``: one row per (setting, row) in display order, columns: setting, row, title,
     method, n, n_failed, n_missing, n_expected, seeds, mean, std, ci_halfwidth, delta,
-    rank, best_row, p_vs_student, p_vs_student_holm, n_vs_student, p_vs_best,
-    p_vs_best_holm, n_vs_best, published, published_source, published_outside_2std,
-    values, run_ids, failed_run_ids.
+    delta_ci_low, delta_ci_high, hedges_g, rank, best_row, p_vs_student, p_vs_student_holm,
+    n_vs_student, p_vs_best, p_vs_best_holm, n_vs_best, published, published_source,
+    published_outside_2std, reading (the row's method is a "reading of the paper"),
+    versions (the method versions behind the cell), version_mark, values, run_ids,
+    failed_run_ids.
     ``runs``: one row per record behind the table (setting, row, seed, run_id, status, value,
-    error, git_commit, finished_at). ``columns``: one row per setting (dataset, teacher,
-    student, epochs, recipe_source, expected_seeds).
+    error, git_commit, finished_at, version, ...). ``columns``: one row per setting (dataset,
+    teacher, student, epochs, teacher_epochs, train_subset, recipe_source, expected_seeds,
+    teacher_checkpoint, teacher_checkpoint_file). ``comparisons``: the tests of the table's
+    family, one row per pair (setting, row_a, row_b, kinds, p, p_holm, n_pairs).
+    ``titles``: row key -> printed title. ``footnotes``: one line per row built from a
+    "reading of the paper". ``pooled_versions``: cells that pool several method versions.
     """
 
     cells: pd.DataFrame
@@ -93,6 +120,10 @@ class Summary:
     n_tests: int
     notes: list[str] = field(default_factory=list)
     published_sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    titles: dict[str, str] = field(default_factory=dict)
+    comparisons: pd.DataFrame = field(default_factory=pd.DataFrame)
+    footnotes: list[str] = field(default_factory=list)
+    pooled_versions: int = 0  # cells averaging records of more than one method version
 
     def cell(self, setting: str, row: str) -> pd.Series:
         hit = self.cells[(self.cells["setting"] == setting) & (self.cells["row"] == row)]
@@ -162,6 +193,51 @@ def ci_halfwidth(std: float, n: int, confidence: float = 0.95) -> float:
     return float(stats.t.ppf((1 + confidence) / 2, n - 1) * std / math.sqrt(n))
 
 
+def welch_interval(a: Sequence[float], b: Sequence[float],
+                   confidence: float = 0.95) -> tuple[float, float]:
+    """Confidence interval of mean(a) - mean(b) without assuming equal variances (Welch 1947):
+    difference -+ t_{(1+c)/2, df_W} * sqrt(s_a^2/n_a + s_b^2/n_b). NaN where undefined."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.size < 2 or b.size < 2:
+        return math.nan, math.nan
+    var_a, var_b = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    se = math.sqrt(var_a + var_b)
+    difference = float(a.mean() - b.mean())
+    if se == 0:
+        return difference, difference
+    df = (var_a + var_b) ** 2 / (var_a ** 2 / (a.size - 1) + var_b ** 2 / (b.size - 1))
+    half = float(stats.t.ppf((1 + confidence) / 2, df)) * se
+    return difference - half, difference + half
+
+
+def paired_interval(a: Sequence[float], b: Sequence[float],
+                    confidence: float = 0.95) -> tuple[float, float]:
+    """Confidence interval of the mean per-pair difference a - b (aligned values)."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if d.size < 2:
+        return math.nan, math.nan
+    half = ci_halfwidth(float(d.std(ddof=1)), int(d.size), confidence)
+    return float(d.mean()) - half, float(d.mean()) + half
+
+
+def hedges_g(a: Sequence[float], b: Sequence[float]) -> float:
+    """(mean(a) - mean(b)) / pooled std, times Hedges' exact small-sample correction J(df).
+
+    J(df) = Gamma(df/2) / (sqrt(df/2) Gamma((df-1)/2)) with df = n_a + n_b - 2 (Hedges 1981),
+    computed through log-gamma so that it stays finite for any n. NaN when a side has fewer
+    than two values or there is no spread.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.size < 2 or b.size < 2:
+        return math.nan
+    df = a.size + b.size - 2
+    pooled = math.sqrt(((a.size - 1) * a.var(ddof=1) + (b.size - 1) * b.var(ddof=1)) / df)
+    if pooled == 0:
+        return math.nan
+    correction = math.exp(math.lgamma(df / 2) - math.lgamma((df - 1) / 2)) / math.sqrt(df / 2)
+    return float(correction * (a.mean() - b.mean()) / pooled)
+
+
 def dense_ranks(means: Mapping[str, float], decimals: int) -> dict[str, int]:
     """Rank rows by mean, highest first, comparing means at the precision shown.
 
@@ -197,7 +273,8 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """One row per record with the fields a table needs, flattened.
 
     ``variant`` is the canonical JSON of the spec minus the cell fields (setting, method, seed,
-    role): two runs with equal variants differ only by seed.
+    role): two runs with equal variants differ only by seed. ``version`` names the code that
+    made the run (``method_version``).
     """
     rows = []
     for record in records:
@@ -216,6 +293,7 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             recipe = setting.get("recipe") or {}
         overrides = spec.get("overrides") or {}
         name = setting.get("name") or spec.get("setting")
+        checkpoint = spec.get("teacher_checkpoint") or provenance.get("teacher_checkpoint_sha256")
         rows.append({
             "run_id": record["id"],
             "status": record.get("status"),
@@ -234,11 +312,38 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             "git_commit": provenance.get("git_commit"),
             "finished_at": provenance.get("finished_at"),
             "precision": record_precision(record),
+            "display_name": record.get("method_display_name"),
+            "fidelity": provenance.get("fidelity"),
+            "fidelity_note": provenance.get("fidelity_note"),
+            "version": method_version(record),
+            "resolved_config": json.dumps(record.get("config") or {}, sort_keys=True),
+            "resolved_recipe": json.dumps(recipe, sort_keys=True),
+            "train_subset": setting.get("train_subset"),
+            "teacher_checkpoint": checkpoint,
+            "teacher_checkpoint_file": provenance.get("teacher_checkpoint_file"),
         })
     columns = ["run_id", "status", "setting", "dataset", "teacher_arch", "student_arch",
                "recipe_source", "role", "method", "seed", "variant", "epochs", *METRICS,
-               "error", "git_commit", "finished_at", "precision"]
+               "error", "git_commit", "finished_at", "precision", "display_name", "fidelity",
+               "fidelity_note", "version", "resolved_config", "resolved_recipe",
+               "train_subset", "teacher_checkpoint", "teacher_checkpoint_file"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def method_version(record: Mapping[str, Any]) -> str:
+    """The code a record's numbers came from, as one printable string.
+
+    Two records are of the same version when their method's source hash
+    (``provenance.method_source_sha256``; for a composition, a hash over all its files) and the
+    engine's ``training_version`` (bumped whenever the engine changes what a run computes) are
+    equal. A record that lacks a field (made before it existed) says "unrecorded" for it: it
+    cannot be shown to match, so it counts as a version of its own.
+    """
+    provenance = record.get("provenance") or {}
+    sha = provenance.get("method_source_sha256")
+    engine = provenance.get("training_version")
+    return (f"source {sha[:12] if sha else 'unrecorded'}, "
+            f"engine {engine if engine is not None else 'unrecorded'}")
 
 
 def _as_float(value: Any) -> float:
@@ -278,69 +383,6 @@ def select_settings(available: Sequence[str], patterns: Sequence[str] | None) ->
     return list(chosen)
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, Mapping):
-        flat: dict[str, Any] = {}
-        for key, inner in value.items():
-            flat.update(_flatten(inner, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: value}
-
-
-def _show(value: Any) -> str:
-    if value is _UNSET:
-        return "default"
-    if isinstance(value, str):
-        return value
-    return json.dumps(value)
-
-
-_UNSET = object()
-
-
-def label_rows(runs: pd.DataFrame) -> pd.Series:
-    """Row key of each run: teacher, vanilla, a method name, or ``method[field=value,...]``.
-
-    A method gets variant labels only when some setting holds more than one variant of it;
-    the label lists the fields that differ *within* a setting (union over settings), so the
-    same experiment lines up in one row across columns.
-    """
-    base = np.where(runs["role"] == "teacher", TEACHER, runs["method"].astype(str))
-    base = pd.Series(base, index=runs.index)
-    labels = base.copy()
-    for name, group in runs.groupby(base, sort=False):
-        varying: set[str] = set()
-        for _, in_setting in group.groupby("setting"):
-            flats = [_flatten(json.loads(v)) for v in in_setting["variant"].unique()]
-            if len(flats) > 1:
-                keys = set().union(*flats)
-                varying |= {k for k in keys if len({_show(f.get(k, _UNSET)) for f in flats}) > 1}
-        if not varying:
-            continue
-        short = _short_names(sorted(varying))
-        for index, variant in group["variant"].items():
-            flat = _flatten(json.loads(variant))
-            parts = [f"{short[key]}={_show(flat.get(key, _UNSET))}" for key in sorted(varying)]
-            labels[index] = f"{name}[{','.join(parts)}]"
-    return labels
-
-
-def _short_names(keys: list[str]) -> dict[str, str]:
-    """``config.T`` -> ``T`` and ``overrides.epochs`` -> ``epochs`` where that is unambiguous."""
-    tails = [key.split(".")[-1] for key in keys]
-    return {key: tail if tails.count(tail) == 1 else key for key, tail in zip(keys, tails)}
-
-
-def _base(row: str) -> str:
-    return row.split("[", 1)[0]
-
-
-def row_title(row: str) -> str:
-    """Display name: Teacher, Student, or the method/variant label."""
-    base = _base(row)
-    return ROW_TITLES.get(base, base) + row[len(base):]
-
-
 # ---------------------------------------------------------------------------------------------
 # Summary
 # ---------------------------------------------------------------------------------------------
@@ -357,6 +399,8 @@ def summarize(
     decimals: int = 2,
     published: Mapping[str, Any] | None = None,
     precision: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    pool_versions: bool = False,
 ) -> Summary:
     """Aggregate records into the cells of a table (see the module docstring for the rules).
 
@@ -364,7 +408,8 @@ def summarize(
     labels, in the order the rows should appear (None: all, alphabetical); Teacher and Student
     always come first. ``published``: the parsed published.json, to attach published numbers.
     ``precision``: only the student runs made at this precision ("fp32", "bf16"; None: all);
-    teachers are fp32 for every precision.
+    teachers are fp32 for every precision. ``labels``: {row key or method: printed title}.
+    ``pool_versions``: allow a cell to average records of different method versions (marked).
     """
     metric = resolve_metric(metric)
     if not 0 < alpha < 1:
@@ -382,9 +427,13 @@ def summarize(
     if ((runs["role"] != "teacher") & (runs["method"] == TEACHER)).any():
         raise UserError(f"a student method is named {TEACHER!r}, which is the Teacher row's name")
     runs["row"] = label_rows(runs)
+    # Titles from every run of the chosen settings, as the keys are: a row picked alone keeps
+    # the fields that set it apart from its siblings ("KD (T = 4)").
+    titles = row_titles(runs, labels)
     rows = _choose_rows(runs, methods)
     runs = runs[runs["row"].isin(rows)].copy()
     _refuse_ambiguity(runs, chosen)
+    titles = {row: titles[row] for row in rows}
     runs["value"] = runs[metric]
     runs["setting"] = pd.Categorical(runs["setting"], chosen, ordered=True)
     runs["row"] = pd.Categorical(runs["row"], rows, ordered=True)
@@ -393,15 +442,22 @@ def summarize(
     runs["row"] = runs["row"].astype(str)
 
     notes: list[str] = []
+    pooled = _check_versions(runs, titles, pool_versions, notes)
     columns = _columns(runs, chosen)
-    cells = _cells(runs, chosen, rows, columns, confidence, notes)
-    n_tests = _significance(cells, runs, chosen, paired, notes)
+    cells = _cells(runs, chosen, rows, columns, titles, confidence, notes)
+    _mark_versions(cells, runs, notes)
+    comparisons = _significance(cells, runs, chosen, paired, titles, notes)
+    _effect_sizes(cells, runs, paired, confidence)
     _rank(cells, chosen, decimals)
-    sources = _attach_published(cells, published, metric) if published is not None else {}
+    footnotes = _reading_footnotes(cells, runs, titles)
+    sources = (_attach_published(cells, published, metric, notes) if published is not None
+               else {})
+    n_tests = int(np.isfinite(comparisons["p"]).sum()) if not comparisons.empty else 0
     return Summary(cells=cells, runs=runs, columns=columns, settings=list(chosen), rows=rows,
                    metric=metric, test=PAIRED if paired else WELCH, alpha=alpha,
                    confidence=confidence, decimals=decimals, n_tests=n_tests, notes=notes,
-                   published_sources=sources)
+                   published_sources=sources, titles=titles, comparisons=comparisons,
+                   footnotes=footnotes, pooled_versions=pooled)
 
 
 def _choose_rows(runs: pd.DataFrame, methods: Sequence[str] | None) -> list[str]:
@@ -448,14 +504,42 @@ def _refuse_ambiguity(runs: pd.DataFrame, settings: Sequence[str]) -> None:
                                 "remove the stale ones from the results")
 
 
+def _check_versions(runs: pd.DataFrame, titles: Mapping[str, str], pool_versions: bool,
+                    notes: list[str]) -> int:
+    """Refuse (or, asked to, allow and count) cells whose done records differ in version."""
+    done = runs[runs["status"] == "done"]
+    pooled = 0
+    for (setting, row), group in done.groupby(["setting", "row"], sort=False):
+        versions = group["version"].value_counts()
+        if len(versions) < 2:
+            continue
+        listing = "; ".join(f"{count} from {version}" for version, count in versions.items())
+        if not pool_versions:
+            raise UserError(
+                f"{setting}, {titles[row]}: its {len(group)} records come from {len(versions)} "
+                f"versions of the code ({listing}); a mean over them mixes two experiments. "
+                "Retrain the stale runs (run --retrain-stale), keep only one version's records "
+                "in the results, or pass --pool-versions to average them anyway (marked)")
+        pooled += 1
+        notes.append(f"{setting}, {titles[row]}: pooled over {len(versions)} code versions "
+                     f"(--pool-versions): {listing}")
+    return pooled
+
+
 def _columns(runs: pd.DataFrame, settings: Sequence[str]) -> pd.DataFrame:
-    """Per setting: dataset, architectures, the students' epochs, expected seeds."""
+    """Per setting: dataset, architectures, epochs, training subset, the teacher's origin."""
     out = []
     for setting in settings:
         in_setting = runs[runs["setting"] == setting]
         students = in_setting[in_setting["row"].map(_base) != TEACHER]
         teachers = in_setting[in_setting["row"].map(_base) == TEACHER]
         source = students if not students.empty else teachers
+        # A given checkpoint (--teacher-checkpoint) is evaluated, not trained: its recipe's
+        # epochs say nothing about it.
+        trained = teachers[teachers["teacher_checkpoint"].isna()]
+        checkpoints = sorted({str(c) for c in in_setting["teacher_checkpoint"].dropna()})
+        files = sorted({str(f) for f in in_setting["teacher_checkpoint_file"].dropna()})
+        subsets = {int(s) for s in in_setting["train_subset"].dropna()}
         out.append({
             "setting": setting,
             "dataset": _one(in_setting["dataset"]),
@@ -463,8 +547,12 @@ def _columns(runs: pd.DataFrame, settings: Sequence[str]) -> pd.DataFrame:
             "student_arch": _one(in_setting["student_arch"]),
             "recipe_source": _one(in_setting["recipe_source"]),
             "epochs": _one(source["epochs"]),
-            "teacher_epochs": _one(teachers["epochs"]),
+            "teacher_epochs": _one(trained["epochs"]),
+            "train_subset": subsets.pop() if len(subsets) == 1 else None,
             "expected_seeds": sorted(int(s) for s in students["seed"].dropna().unique()),
+            "teacher_checkpoint": ", ".join(checkpoints) or None,
+            "teacher_checkpoint_file": ", ".join(files) or None,
+            "trained_teacher": not trained.empty or not checkpoints,
         })
     return pd.DataFrame(out)
 
@@ -480,7 +568,8 @@ def _one(values: pd.Series) -> Any:
 
 
 def _cells(runs: pd.DataFrame, settings: Sequence[str], rows: Sequence[str],
-           columns: pd.DataFrame, confidence: float, notes: list[str]) -> pd.DataFrame:
+           columns: pd.DataFrame, titles: Mapping[str, str], confidence: float,
+           notes: list[str]) -> pd.DataFrame:
     out = []
     expected_by_setting = dict(zip(columns["setting"], columns["expected_seeds"]))
     for setting in settings:
@@ -492,7 +581,7 @@ def _cells(runs: pd.DataFrame, settings: Sequence[str], rows: Sequence[str],
         for row in rows:
             group = in_setting[in_setting["row"] == row]
             if group.empty:
-                notes.append(f"{setting}, {row_title(row)}: no runs")
+                notes.append(f"{setting}, {titles[row]}: no runs")
                 continue
             done = group[(group["status"] == "done") & group["value"].notna()]
             failed = group[~group.index.isin(done.index)]
@@ -506,16 +595,16 @@ def _cells(runs: pd.DataFrame, settings: Sequence[str], rows: Sequence[str],
             for _, run in failed.iterrows():
                 why = run["error"] or ("no metric in the record" if run["status"] == "done"
                                        else f"status {run['status']}")
-                notes.append(f"{setting}, {row_title(row)}: seed {run['seed']} failed "
+                notes.append(f"{setting}, {titles[row]}: seed {run['seed']} failed "
                              f"(run {run['run_id']}: {why}); not in the mean")
             if missing:
-                notes.append(f"{setting}, {row_title(row)}: no record for seed"
+                notes.append(f"{setting}, {titles[row]}: no record for seed"
                              f"{'s' if len(missing) > 1 else ''} "
                              f"{', '.join(map(str, missing))}")
             out.append({
                 "setting": setting,
                 "row": row,
-                "title": row_title(row),
+                "title": titles[row],
                 "method": _base(row),
                 "n": n,
                 "n_failed": int(len(failed)),
@@ -525,6 +614,7 @@ def _cells(runs: pd.DataFrame, settings: Sequence[str], rows: Sequence[str],
                 "mean": float(values.mean()) if n else math.nan,
                 "std": std,
                 "ci_halfwidth": ci_halfwidth(std, n, confidence),
+                "versions": sorted(set(done["version"])),
                 "values": [float(v) for v in values],
                 "run_ids": list(group["run_id"]),
                 "failed_run_ids": list(failed["run_id"]),
@@ -536,9 +626,28 @@ def _cells(runs: pd.DataFrame, settings: Sequence[str], rows: Sequence[str],
     return cells
 
 
+def _mark_versions(cells: pd.DataFrame, runs: pd.DataFrame, notes: list[str]) -> None:
+    """A cell is marked when its row is built from more than one code version anywhere in the
+    table: pooled within the cell (--pool-versions; ``_check_versions`` notes it) or one
+    version per column (noted here)."""
+    done = runs[runs["status"] == "done"]
+    spread = done.groupby("row")["version"].nunique()
+    cells["version_mark"] = cells["row"].map(lambda row: bool(spread.get(row, 0) > 1))
+    for row, group in cells[cells["version_mark"]].groupby("row", sort=False):
+        if all(len(versions) == 1 for versions in group["versions"]):
+            per_column = "; ".join(f"{cell['setting']}: {cell['versions'][0]}"
+                                   for _, cell in group.iterrows())
+            notes.append(f"{group['title'].iloc[0]}: its columns come from different code "
+                         f"versions ({per_column})")
+
+
 def _significance(cells: pd.DataFrame, runs: pd.DataFrame, settings: Sequence[str],
-                  paired: bool, notes: list[str]) -> int:
-    """Fill p-values vs Student and vs the column's best; Holm over the whole table."""
+                  paired: bool, titles: Mapping[str, str], notes: list[str]) -> pd.DataFrame:
+    """Fill p-values vs Student and vs the column's best; Holm over the whole table.
+
+    Returns the family: one row per tested pair (setting, row_a, row_b, kinds, p, p_holm,
+    n_pairs), row_a the method compared, row_b its reference (the Student or the best).
+    """
     for name in ("p_vs_student", "p_vs_student_holm", "p_vs_best", "p_vs_best_holm"):
         cells[name] = math.nan
     # Values per side behind a test: the smaller sample for Welch, the shared seeds if paired.
@@ -546,7 +655,7 @@ def _significance(cells: pd.DataFrame, runs: pd.DataFrame, settings: Sequence[st
     cells["n_vs_best"] = 0
     cells["best_row"] = None
     done = runs[(runs["status"] == "done") & runs["value"].notna()]
-    pairs: dict[tuple[str, frozenset[str]], tuple[float, int]] = {}
+    pairs: dict[tuple[str, frozenset[str]], dict[str, Any]] = {}
     links: list[tuple[int, str, tuple[str, frozenset[str]]]] = []
     for setting in settings:
         column = cells[(cells["setting"] == setting) & (cells["method"] != TEACHER)
@@ -565,30 +674,82 @@ def _significance(cells: pd.DataFrame, runs: pd.DataFrame, settings: Sequence[st
             for kind, other in targets:
                 key = (setting, frozenset((cell["row"], other)))
                 if key not in pairs:
-                    pairs[key] = _test(done, setting, cell["row"], other, paired, notes)
+                    # Oriented as "method vs reference": the Student is always row_b.
+                    a, b = ((other, cell["row"]) if cell["method"] == STUDENT
+                            else (cell["row"], other))
+                    p, n = _test(done, setting, a, b, paired, titles, notes)
+                    pairs[key] = {"setting": setting, "row_a": a, "row_b": b,
+                                  "kinds": [], "p": p, "n_pairs": n}
+                pairs[key]["kinds"].append(f"vs {kind}")
                 links.append((index, kind, key))
     keys = list(pairs)
-    adjusted = dict(zip(keys, holm([pairs[key][0] for key in keys])))
+    adjusted = dict(zip(keys, holm([pairs[key]["p"] for key in keys])))
     for index, kind, key in links:
-        cells.loc[index, f"p_vs_{kind}"] = pairs[key][0]
+        cells.loc[index, f"p_vs_{kind}"] = pairs[key]["p"]
         cells.loc[index, f"p_vs_{kind}_holm"] = adjusted[key]
-        cells.loc[index, f"n_vs_{kind}"] = pairs[key][1]
-    return int(sum(math.isfinite(pairs[key][0]) for key in keys))
+        cells.loc[index, f"n_vs_{kind}"] = pairs[key]["n_pairs"]
+    order = {"vs student": 0, "vs best": 1}
+    family = [{**pairs[key], "kinds": ", ".join(sorted(pairs[key]["kinds"], key=order.get)),
+               "p_holm": adjusted[key]} for key in keys]
+    return pd.DataFrame(family, columns=["setting", "row_a", "row_b", "kinds", "p", "p_holm",
+                                         "n_pairs"])
 
 
 def _test(done: pd.DataFrame, setting: str, row_a: str, row_b: str, paired: bool,
-          notes: list[str]) -> tuple[float, int]:
+          titles: Mapping[str, str], notes: list[str]) -> tuple[float, int]:
     """(p-value, number of values per side or pairs) for one pair of cells."""
-    in_setting = done[done["setting"] == setting]
-    a = in_setting[in_setting["row"] == row_a].set_index("seed")["value"]
-    b = in_setting[in_setting["row"] == row_b].set_index("seed")["value"]
+    a, b = _sides(done, setting, row_a, row_b)
     if not paired:
         return welch_pvalue(a.to_numpy(), b.to_numpy()), int(min(len(a), len(b)))
     shared = a.index.intersection(b.index).sort_values()
     if len(shared) < max(len(a), len(b)):
-        notes.append(f"{setting}: {row_title(row_a)} vs {row_title(row_b)} paired over the "
+        notes.append(f"{setting}: {titles[row_a]} vs {titles[row_b]} paired over the "
                      f"{len(shared)} seeds both have")
     return paired_pvalue(a[shared].to_numpy(), b[shared].to_numpy()), int(len(shared))
+
+
+def _sides(done: pd.DataFrame, setting: str, row_a: str, row_b: str) -> tuple[pd.Series, pd.Series]:
+    """The values of two cells, indexed by seed."""
+    in_setting = done[done["setting"] == setting]
+    a = in_setting[in_setting["row"] == row_a].set_index("seed")["value"]
+    b = in_setting[in_setting["row"] == row_b].set_index("seed")["value"]
+    return a, b
+
+
+def _effect_sizes(cells: pd.DataFrame, runs: pd.DataFrame, paired: bool,
+                  confidence: float) -> None:
+    """Each method's difference to the Student: its interval (matching the test) and g."""
+    cells["delta_ci_low"] = math.nan
+    cells["delta_ci_high"] = math.nan
+    cells["hedges_g"] = math.nan
+    done = runs[(runs["status"] == "done") & runs["value"].notna()]
+    students = cells[cells["method"] == STUDENT].set_index("setting")["row"]
+    for index, cell in cells.iterrows():
+        if cell["method"] in (STUDENT, TEACHER) or cell["setting"] not in students.index:
+            continue
+        a, b = _sides(done, cell["setting"], cell["row"], students[cell["setting"]])
+        if paired:
+            shared = a.index.intersection(b.index).sort_values()
+            low, high = paired_interval(a[shared].to_numpy(), b[shared].to_numpy(), confidence)
+        else:
+            low, high = welch_interval(a.to_numpy(), b.to_numpy(), confidence)
+        cells.loc[index, ["delta_ci_low", "delta_ci_high"]] = [low, high]
+        cells.loc[index, "hedges_g"] = hedges_g(a.to_numpy(), b.to_numpy())
+
+
+def _reading_footnotes(cells: pd.DataFrame, runs: pd.DataFrame,
+                       titles: Mapping[str, str]) -> list[str]:
+    """One footnote per row whose method declares itself a "reading of the paper"."""
+    cells["reading"] = False
+    footnotes = []
+    for row, group in runs.groupby("row", sort=False):
+        if FIDELITY_READING not in set(group["fidelity"].dropna()):
+            continue
+        cells.loc[cells["row"] == row, "reading"] = True
+        notes = [str(n) for n in pd.unique(group["fidelity_note"].dropna()) if str(n).strip()]
+        footnotes.append(f"{titles[row]}: kdbench's reading of the paper, whose full details "
+                         "are not public" + (f" ({'; '.join(notes)})" if notes else ""))
+    return footnotes
 
 
 def _rank(cells: pd.DataFrame, settings: Sequence[str], decimals: int) -> None:
@@ -601,13 +762,38 @@ def _rank(cells: pd.DataFrame, settings: Sequence[str], decimals: int) -> None:
             cells.loc[index, "rank"] = rank
 
 
-def _attach_published(cells: pd.DataFrame, published: Mapping[str, Any],
-                      metric: str) -> dict[str, dict[str, Any]]:
+def published_entries(published: Mapping[str, Any], setting: str) -> list[dict[str, Any]]:
+    """A setting's published entries ``{"source", "top1"}``, in order: the entry itself and
+    the further sources under its ``also`` (published.json's format: e.g. mdistiller's
+    best-epoch DKD numbers beside RepDistiller's last-epoch table), or a plain list of them."""
+    entry = published.get("settings", {}).get(setting)
+    if not entry:
+        return []
+    out = []
+    for item in (entry if isinstance(entry, list) else [entry]):
+        out.append({key: value for key, value in item.items() if key != "also"})
+        out += [dict(extra) for extra in item.get("also", [])]
+    return out
+
+
+def source_epoch(info: Mapping[str, Any]) -> str:
+    """"last" or "best": the epoch a source's numbers were read at (its ``epoch`` field, or a
+    ``metric`` field such as "top1_best")."""
+    epoch = str(info.get("epoch") or info.get("metric") or "last")
+    return "best" if "best" in epoch else "last"
+
+
+def _attach_published(cells: pd.DataFrame, published: Mapping[str, Any], metric: str,
+                      notes: list[str]) -> dict[str, dict[str, Any]]:
     """Published number per cell, and whether it lies more than 2 std from our mean.
 
-    2 std of the seeds is the reviewer's rule of thumb: about 95 % of single runs of a
-    normally distributed result fall inside, so a published number outside it suggests a
-    different protocol or implementation, not seed noise. Published numbers are top-1.
+    Like with like: a source's numbers are compared only where the table's metric is read at
+    the same epoch (a best-epoch number beside a last-epoch mean would flatter the source by
+    the gap between the two; mdistiller reports "best epoch, mean of 5"). Sources left out
+    for that reason are named in the notes. 2 std of the seeds is the reviewer's rule of
+    thumb: about 95 % of single runs of a normally distributed result fall inside, so a
+    published number outside it suggests a different protocol or implementation, not seed
+    noise. Published numbers are top-1.
     """
     cells["published"] = math.nan
     cells["published_source"] = None
@@ -615,19 +801,36 @@ def _attach_published(cells: pd.DataFrame, published: Mapping[str, Any],
     used: dict[str, dict[str, Any]] = {}
     if not metric.startswith("top1"):
         return used
-    table = published.get("settings", {})
+    ours = "best" if metric.endswith("best") else "last"
     sources = published.get("sources", {})
+    skipped: dict[str, str] = {}
     for index, cell in cells.iterrows():
-        found = _published_number(table.get(cell["setting"]), sources, cell["method"], metric)
-        if found is None:
+        matching = []
+        for entry in published_entries(published, cell["setting"]):
+            if cell["method"] not in entry.get("top1", {}):
+                continue
+            info = dict(sources.get(entry["source"], {}))
+            if source_epoch(info) == ours:
+                matching.append(entry)
+            else:
+                skipped[entry["source"]] = source_epoch(info)
+        for entry in matching[:1]:  # the first source listed for the setting wins
+            key = entry["source"]
+            info = dict(sources.get(key, {}))
+            value = float(entry["top1"][cell["method"]])
+            cells.loc[index, "published"] = value
+            cells.loc[index, "published_source"] = key
+            std = cell["std"]
+            cells.loc[index, "published_outside_2std"] = bool(
+                math.isfinite(std) and abs(cell["mean"] - value) > 2 * std)
+            used[key] = info
+    for key, epoch in skipped.items():
+        if key in used:
             continue
-        value, source = found
-        cells.loc[index, "published"] = value
-        cells.loc[index, "published_source"] = source
-        std = cell["std"]
-        cells.loc[index, "published_outside_2std"] = bool(
-            math.isfinite(std) and abs(cell["mean"] - value) > 2 * std)
-        used[source] = dict(sources.get(source, {}))
+        info = sources.get(key, {})
+        notes.append(f"published numbers of {info.get('short', key)} are {epoch}-epoch "
+                     f"({info.get('aggregate', 'aggregate not stated')}); this table is "
+                     f"{ours}-epoch, so they are not compared (--metric {epoch} compares them)")
     return used
 
 

@@ -1,14 +1,19 @@
-"""Render an ``aggregate.Summary`` as LaTeX (booktabs), Markdown, CSV, or a bar chart.
+"""Render an ``aggregate.Summary`` as LaTeX (booktabs), Markdown or CSV, with its caption.
 
 No statistics happen here: every number comes from the Summary, so all formats show the same
 values. LaTeX and Markdown share one layout (``_grid``, ``caption``) and differ only in their
-markup (``LatexMarkup``, ``MarkdownMarkup``). No torch; matplotlib is imported only when a
-plot is asked for, since it is an optional extra (``pip install kdbench[plot]``).
+markup (``LatexMarkup``, ``MarkdownMarkup``). No torch. The figure is ``kdbench.figure``; the
+compiled PDF is ``kdbench.latex_pdf``.
 
-Marks (explained in every caption):
+Marks (explained in every caption that uses them):
   bold        the best mean of the column (Teacher excluded), underline the second best;
-  dagger      differs from the Student, double dagger: differs from the column's best, both at
-              the Holm-corrected level alpha;
+  up/down     significantly better / worse than the Student (Holm-corrected at alpha): the
+              direction is part of the mark, since a lone dagger on a worse method reads as
+              praise;
+  double dagger  significantly below the column's best;
+  diamond     the row's cells come from more than one version of the code (``--pool-versions``
+              or one version per column), listed under the table;
+  asterisk    (on a row title) the method is kdbench's reading of a paper, see the footnote;
   section     (with published numbers) the published number lies more than 2 std from ours.
 """
 
@@ -17,14 +22,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 from tabulate import tabulate
 
-from kdbench.aggregate import PAIRED, STUDENT, TEACHER, Summary
-from kdbench.errors import UserError
+from kdbench.aggregate import PAIRED, STUDENT, TEACHER, Summary, source_epoch
+from kdbench.datasets import display_name, facts
+from kdbench.power import MOST_SEEDS, PowerAnalysis
 
 
 @dataclass(frozen=True)
@@ -32,8 +37,13 @@ class Layout:
     """What a table shows besides mean and spread."""
 
     delta: bool = False  # a Δ column per setting: mean minus the Student's mean
-    ci: bool = False  # the t confidence half-width instead of the std after the ±
+    ci: bool = False  # the t confidence half-width instead of the std after the ±; with
+    # delta, also the interval of Δ and a Hedges' g column
     published: bool = False  # a "pub." column per setting with the published number
+
+    @property
+    def effect_sizes(self) -> bool:
+        return self.delta and self.ci
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,7 +57,9 @@ class LatexMarkup:
     alpha = r"$\alpha$"
     dash = "--"
     missing = "--"
-    _glyphs = {"student": r"\dagger", "best": r"\ddagger", "published": r"\S"}
+    percent = r"\%"
+    _glyphs = {"better": r"\uparrow", "worse": r"\downarrow", "best": r"\ddagger",
+               "version": r"\diamond", "published": r"\S", "reading": "*"}
     symbols = {key: f"${glyph}$" for key, glyph in _glyphs.items()}
 
     # The ten characters LaTeX treats specially (LaTeX Companion, 2nd ed., 7.1).
@@ -57,8 +69,10 @@ class LatexMarkup:
     # pdflatex without extra packages cannot typeset these: spell them in LaTeX.
     _UNICODE = {"±": r"$\pm$", "→": r"$\rightarrow$", "Δ": r"$\Delta$", "α": r"$\alpha$",
                 "–": "--", "—": "---", "≥": r"$\geq$", "≤": r"$\leq$", "×": r"$\times$",
-                "…": "...", "’": "'", "‘": "`", "“": "``", "”": "''", "<": r"\textless{}",
-                ">": r"\textgreater{}", "|": r"\textbar{}"}
+                "…": r"\ldots{}", "’": "'", "‘": "`", "“": "``", "”": "''", "<": r"\textless{}",
+                ">": r"\textgreater{}", "|": r"\textbar{}", "↑": r"$\uparrow$",
+                "↓": r"$\downarrow$", "‡": r"$\ddagger$", "◊": r"$\diamond$", "§": r"\S{}",
+                "\u202f": r"\,", "\u00a0": "~", "−": r"$-$"}
 
     def escape(self, text: str) -> str:
         out = []
@@ -89,6 +103,15 @@ class LatexMarkup:
     def math_n(self, n: str) -> str:
         return f"$n$ = {n}"
 
+    def signed(self, value: float, digits: int) -> str:
+        # A hyphen is not a minus sign: typeset the minus in math mode (the issue's "negative
+        # deltas as a math minus"); "+" is the same glyph in text and math.
+        text = f"{value:+.{digits}f}"
+        return r"$-$" + text[1:] if text.startswith("-") else text
+
+    def thousands(self, number: int) -> str:
+        return f"{number:,}".replace(",", r"\,")
+
 
 class MarkdownMarkup:
     pm = " ± "
@@ -97,14 +120,17 @@ class MarkdownMarkup:
     alpha = "α"
     dash = "–"
     missing = "—"
-    symbols = {"student": "†", "best": "‡", "published": "§"}
+    percent = "%"
+    symbols = {"better": "↑", "worse": "↓", "best": "‡", "version": "◊", "published": "§",
+               "reading": "*"}
 
     def escape(self, text: str) -> str:
         # A pipe would end the table cell; newlines would end the row.
         return re.sub(r"\s+", " ", str(text)).replace("|", r"\|")
 
     def marks(self, keys: Sequence[str]) -> str:
-        return "".join(self.symbols[key] for key in keys)
+        # A bare * could open emphasis in GitHub's renderer: escape it.
+        return "".join(r"\*" if key == "reading" else self.symbols[key] for key in keys)
 
     def bold(self, text: str) -> str:
         return f"**{text}**"
@@ -119,10 +145,22 @@ class MarkdownMarkup:
     def math_n(self, n: str) -> str:
         return f"n = {n}"
 
+    def signed(self, value: float, digits: int) -> str:
+        return f"{value:+.{digits}f}"
+
+    def thousands(self, number: int) -> str:
+        # A narrow no-break space, the SI digit-group separator, which never breaks a line.
+        return f"{number:,}".replace(",", "\u202f")
+
 
 Markup = LatexMarkup | MarkdownMarkup
 LATEX = LatexMarkup()
 MARKDOWN = MarkdownMarkup()
+
+
+def plural(count: int, singular: str, plural_form: str | None = None) -> str:
+    """``1 epoch``, ``3 epochs``."""
+    return f"{count} {singular if count == 1 else (plural_form or singular + 's')}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,13 +200,32 @@ def column_headers(summary: Summary, mk: Markup) -> list[str]:
         if column["teacher_arch"] and column["student_arch"]:
             text = mk.escape(column["teacher_arch"]) + mk.arrow + mk.escape(column["student_arch"])
             if several_datasets:
-                text = mk.escape(column["dataset"]) + ": " + text
+                text = mk.escape(display_name(column["dataset"])) + ": " + text
         else:
             text = mk.escape(column["setting"])
         headers.append(text)
     if len(set(headers)) < len(headers):
         headers = [mk.escape(name) for name in columns["setting"]]
     return headers
+
+
+def row_title(summary: Summary, row: str, mk: Markup) -> str:
+    """The row's printed title, with the reading-of-the-paper mark where it applies."""
+    text = mk.escape(summary.titles.get(row, row))
+    reading = summary.cells.loc[summary.cells["row"] == row, "reading"]
+    if not reading.empty and bool(reading.any()):
+        text += mk.marks(["reading"])
+    return text
+
+
+def significance_marks(cell: pd.Series, summary: Summary) -> list[str]:
+    """better/worse than the Student (by the sign of Δ), below the best; Holm at alpha."""
+    marks = []
+    if cell["p_vs_student_holm"] < summary.alpha:
+        marks.append("better" if cell["delta"] > 0 else "worse")
+    if cell["p_vs_best_holm"] < summary.alpha:
+        marks.append("best")
+    return marks
 
 
 def format_value(cell: pd.Series | None, summary: Summary, layout: Layout, mk: Markup,
@@ -188,7 +245,9 @@ def format_value(cell: pd.Series | None, summary: Summary, layout: Layout, mk: M
         text = mk.bold(text)
     elif cell["rank"] == 2:
         text = mk.underline(text)
-    marks = [kind for kind in ("student", "best") if cell[f"p_vs_{kind}_holm"] < summary.alpha]
+    marks = significance_marks(cell, summary)
+    if cell.get("version_mark", False):
+        marks.append("version")
     text += mk.marks(marks)
     if n < expected:  # failed or missing seeds: say so in the cell, never a silent smaller n
         text += " " + mk.small(f"({mk.math_n(f'{n} of {expected}')})")
@@ -197,10 +256,22 @@ def format_value(cell: pd.Series | None, summary: Summary, layout: Layout, mk: M
     return text
 
 
-def format_delta(cell: pd.Series | None, summary: Summary, mk: Markup) -> str:
+def format_delta(cell: pd.Series | None, summary: Summary, layout: Layout, mk: Markup) -> str:
+    """Δ to the Student; with ``--ci`` also its interval, ``+1.61 [+1.02, +2.20]``."""
     if cell is None or cell["method"] == STUDENT or not math.isfinite(cell["delta"]):
         return mk.missing
-    return f"{cell['delta']:+.{summary.decimals}f}"
+    digits = summary.decimals
+    text = mk.signed(cell["delta"], digits)
+    if layout.ci and math.isfinite(cell.get("delta_ci_low", math.nan)):
+        text += (f" [{mk.signed(cell['delta_ci_low'], digits)}, "
+                 f"{mk.signed(cell['delta_ci_high'], digits)}]")
+    return text
+
+
+def format_g(cell: pd.Series | None, mk: Markup) -> str:
+    if cell is None or not math.isfinite(cell.get("hedges_g", math.nan)):
+        return mk.missing
+    return mk.signed(cell["hedges_g"], 2)
 
 
 def format_published(cell: pd.Series | None, summary: Summary, mk: Markup) -> str:
@@ -212,16 +283,20 @@ def format_published(cell: pd.Series | None, summary: Summary, mk: Markup) -> st
     return text
 
 
+def sub_columns(layout: Layout) -> list[str]:
+    return (["mean"] + (["delta"] if layout.delta else [])
+            + (["g"] if layout.effect_sizes else []) + (["pub"] if layout.published else []))
+
+
 def _grid(summary: Summary, layout: Layout, mk: Markup) -> tuple[list[str], list[list[str]]]:
     """Sub-column names per setting, and the body rows (title first)."""
-    sub = ["mean"] + (["delta"] if layout.delta else []) + (["pub"] if layout.published else [])
+    sub = sub_columns(layout)
     by_key = {(c["setting"], c["row"]): c for _, c in summary.cells.iterrows()}
     seeds = uniform_seeds(summary)
     teacher_n = _teacher_uniform_n(summary)
     body = []
     for row in summary.rows:
-        title = summary.cells.loc[summary.cells["row"] == row, "title"]
-        line = [mk.escape(title.iloc[0] if not title.empty else row)]
+        line = [row_title(summary, row, mk)]
         for setting in summary.settings:
             cell = by_key.get((setting, row))
             is_teacher = cell is not None and cell["method"] == TEACHER
@@ -230,7 +305,9 @@ def _grid(summary: Summary, layout: Layout, mk: Markup) -> tuple[list[str], list
                 if kind == "mean":
                     line.append(format_value(cell, summary, layout, mk, show_n))
                 elif kind == "delta":
-                    line.append(format_delta(cell, summary, mk))
+                    line.append(format_delta(cell, summary, layout, mk))
+                elif kind == "g":
+                    line.append(format_g(cell, mk))
                 else:
                     line.append(format_published(cell, summary, mk))
         body.append(line)
@@ -243,59 +320,25 @@ def _seed_list(seeds: Sequence[int], mk: Markup) -> str:
     return ", ".join(map(str, seeds))
 
 
+def metric_name(summary: Summary) -> str:
+    return "Top-1" if summary.metric.startswith("top1") else "Top-5"
+
+
+# ---------------------------------------------------------------------------------------------
+# The caption: the protocol in words
+# ---------------------------------------------------------------------------------------------
+
 def caption(summary: Summary, layout: Layout, mk: Markup) -> str:
-    """The protocol in words: data, epochs, last/best, n, spread, marks, test, correction."""
-    columns = summary.columns
-    metric = "Top-1" if summary.metric.startswith("top1") else "Top-5"
-    datasets = ", ".join(mk.escape(d) for d in pd.unique(columns["dataset"].dropna()))
-    epochs = pd.unique(columns["epochs"].dropna().astype(str))
-    if len(epochs) == 1:
-        trained = f"trained for {mk.escape(epochs[0])} epochs"
-    else:
-        trained = "trained for " + "; ".join(
-            f"{mk.escape(e)} epochs ({mk.escape(s)})"
-            for s, e in zip(columns["setting"], columns["epochs"].astype(str)))
-    teacher_epochs = pd.unique(columns["teacher_epochs"].dropna().astype(str))
-    if len(teacher_epochs) == 1 and list(teacher_epochs) != list(epochs):
-        trained += f" (teachers {mk.escape(teacher_epochs[0])})"
-    recipes = pd.unique(columns["recipe_source"].dropna())
-    if len(recipes) == 1:
-        recipe = f", {mk.escape(recipes[0])}"
-    else:  # say which recipe each column followed (MHGD's authors' recipe vs the common one)
-        used_by = {source: ", ".join(columns.loc[columns["recipe_source"] == source, "setting"])
-                   for source in recipes}
-        recipe = ", recipes: " + "; ".join(
-            mk.escape(f"{source} ({names})") for source, names in used_by.items())
-    if summary.metric.endswith("last"):
-        when = "at the last epoch"
-    else:
-        when = ("at the best epoch (the highest test accuracy during training: optimistic, "
-                "chosen on the test set)")
-    percent = mk.escape("%")
-    parts = [f"{metric} accuracy ({percent}) on {datasets}, students {trained}{recipe}, {when}."]
+    """Data and split, training, last/best, n and spread, marks, test, correction."""
+    parts = [_what_was_measured(summary, mk), _how_students_trained(summary, mk)]
+    parts += _teacher_sentences(summary, mk)
     if "precision" in summary.runs:
         arithmetic = set(summary.runs.loc[summary.runs["role"] != "teacher", "precision"].dropna())
         if arithmetic == {"bf16"}:
             parts.append("Students' networks in bf16 autocast (losses in fp32; teachers trained in fp32).")
         elif arithmetic == {"fp32"}:
             parts.append("Arithmetic: fp32.")
-
-    if layout.ci:
-        spread = (f"mean{mk.pm}half-width of the {summary.confidence:.0%} t confidence interval"
-                  .replace("%", r"\%" if mk is LATEX else "%"))
-    else:
-        spread = f"mean{mk.pm}sample std (ddof = 1)"
-    seeds = uniform_seeds(summary)
-    if seeds is not None:
-        over = f"over {mk.math_n(str(len(seeds)))} seeds ({_seed_list(seeds, mk)})"
-    else:
-        over = "over seeds, n in each cell"
-    parts.append(f"Cells: {spread} {over}.")
-    teacher_n = _teacher_uniform_n(summary)
-    if teacher_n == 1:
-        parts.append("Teacher: a single run.")
-    elif teacher_n:
-        parts.append(f"Teacher: {teacher_n} runs.")
+    parts.append(_cells_sentence(summary, layout, mk))
     incomplete = summary.cells[(summary.cells["n"] < summary.cells["n_expected"])
                                | (summary.cells["n_failed"] > 0)]
     if not incomplete.empty:
@@ -303,30 +346,164 @@ def caption(summary: Summary, layout: Layout, mk: Markup) -> str:
                      "(failed or missing runs are listed below, never averaged in).")
     parts.append("Bold: best, underlined: second best per column (Teacher excluded; equal "
                  "shown values share the mark).")
+    parts.append(_marks_sentence(summary, mk))
+    if layout.delta:
+        parts.append(_delta_sentence(summary, layout, mk))
+    if layout.published:
+        parts.append(_published_sentence(summary, mk))
+    if summary.cells.get("version_mark", pd.Series(dtype=bool)).any():
+        pooled = (f" ({plural(summary.pooled_versions, 'cell')} average records of several "
+                  "versions: --pool-versions)" if summary.pooled_versions else "")
+        parts.append(f"{mk.symbols['version']}: the row's results come from more than one "
+                     f"version of the method's code or the engine{pooled}; versions below.")
+    if summary.footnotes:
+        parts.append(f"{mk.symbols['reading']}: kdbench's reading of the paper (below).")
+    return " ".join(part for part in parts if part)
 
+
+def _what_was_measured(summary: Summary, mk: Markup) -> str:
+    columns = summary.columns
+    datasets = [d for d in pd.unique(columns["dataset"].dropna())]
+    splits = []
+    for dataset in datasets:
+        known = facts(dataset)
+        size = f" ({mk.thousands(known.test_images)} images)" if known else ""
+        splits.append(f"{mk.escape(display_name(dataset))}{size}")
+    where = ("the test split of " + splits[0] if len(splits) == 1
+             else "the test splits of " + ", ".join(splits[:-1]) + " and " + splits[-1])
+    if summary.metric.endswith("last"):
+        when = "at the last epoch"
+    else:
+        when = ("at the best epoch (the highest test accuracy during training: optimistic, "
+                "chosen on the test set)")
+    return f"{metric_name(summary)} accuracy ({mk.percent}) on {where}, {when}."
+
+
+def _epochs_text(value: Any) -> str:
+    try:
+        return plural(int(value), "epoch")
+    except (TypeError, ValueError):  # several values joined by aggregate._one ("3/5")
+        return f"{value} epochs"
+
+
+def _how_students_trained(summary: Summary, mk: Markup) -> str:
+    columns = summary.columns
+    epochs = pd.unique(columns["epochs"].dropna().astype(str))
+    several = len(columns) > 1
+    if len(epochs) == 1:
+        trained = f"for {mk.escape(_epochs_text(epochs[0]))}"
+    else:
+        trained = "for " + "; ".join(
+            f"{mk.escape(_epochs_text(e))} ({mk.escape(s)})"
+            for s, e in zip(columns["setting"], columns["epochs"]))
+    subsets = []
+    for _, column in columns.iterrows():
+        known = facts(column["dataset"])
+        if column["train_subset"] and (known is None or column["train_subset"] < known.train_images):
+            total = f" of the {mk.thousands(known.train_images)}" if known else ""
+            where = f" ({mk.escape(column['setting'])})" if several else ""
+            subsets.append(f"{mk.thousands(int(column['train_subset']))}{total} training "
+                           f"images{where}")
+    on = (" on " + "; ".join(dict.fromkeys(subsets)) + " (a fixed class-balanced subset)"
+          if subsets else "")
+    recipes = pd.unique(columns["recipe_source"].dropna())
+    if len(recipes) == 1:
+        recipe = f", {mk.escape(recipes[0])}"
+    elif len(recipes) > 1:  # say which recipe each column followed
+        used_by = {source: ", ".join(columns.loc[columns["recipe_source"] == source, "setting"])
+                   for source in recipes}
+        recipe = ", recipes: " + "; ".join(
+            mk.escape(f"{source} ({names})") for source, names in used_by.items())
+    else:
+        recipe = ""
+    return f"Students trained {trained}{on}{recipe}."
+
+
+def _teacher_sentences(summary: Summary, mk: Markup) -> list[str]:
+    """Trained teachers' epochs (when they differ from the students'), or the given checkpoint
+    (``--teacher-checkpoint``), by file name where recorded and by checksum."""
+    columns = summary.columns
+    out = []
+    given = columns[columns["teacher_checkpoint"].notna()]
+    for _, column in given.iterrows():
+        checksums = ", ".join(f"sha256 {c[:12]}…" for c in str(column["teacher_checkpoint"]).split(", "))
+        name = f"{column['teacher_checkpoint_file']}, " if column["teacher_checkpoint_file"] else ""
+        where = f" ({column['setting']})" if len(columns) > 1 else ""
+        out.append(mk.escape(f"Teacher{where}: the given checkpoint ({name}{checksums}), "
+                             "evaluated here, not trained."))
+    trained = columns[columns["trained_teacher"] & columns["teacher_epochs"].notna()]
+    teacher_epochs = pd.unique(trained["teacher_epochs"].astype(str))
+    student_epochs = pd.unique(columns["epochs"].dropna().astype(str))
+    if len(teacher_epochs) == 1 and list(teacher_epochs) != list(student_epochs):
+        which = "Teachers" if len(trained) > 1 else "Teacher"
+        out.append(f"{which} trained for {mk.escape(_epochs_text(teacher_epochs[0]))}.")
+    elif len(teacher_epochs) > 1:
+        out.append("Teachers trained for " + "; ".join(
+            f"{mk.escape(_epochs_text(e))} ({mk.escape(s)})"
+            for s, e in zip(trained["setting"], trained["teacher_epochs"])) + ".")
+    return out
+
+
+def _cells_sentence(summary: Summary, layout: Layout, mk: Markup) -> str:
+    if layout.ci:
+        spread = (f"mean{mk.pm}half-width of the {summary.confidence:.0%} t confidence interval"
+                  .replace("%", mk.percent))
+    else:
+        spread = f"mean{mk.pm}sample std (ddof = 1)"
+    seeds = uniform_seeds(summary)
+    if seeds is not None:
+        over = (f"over {mk.math_n(str(len(seeds)))} student "
+                f"{'seed' if len(seeds) == 1 else 'seeds'} ({_seed_list(seeds, mk)})")
+    else:
+        over = "over student seeds, n in each cell"
+    teacher_n = _teacher_uniform_n(summary)
+    if teacher_n == 1:
+        teacher = (" Every student of a column distils the same teacher, a single run: the "
+                   "spread is the students' seed-to-seed variation, not the teacher's.")
+    elif teacher_n:
+        teacher = (f" Teacher: mean of {teacher_n} runs; each row's students distil one of "
+                   "them (its teacher seed), so the spread is over student seeds only.")
+    else:
+        teacher = (" Each row's students distil one teacher, so the spread is over student "
+                   "seeds only.")
+    return f"Cells: {spread} {over}.{teacher}"
+
+
+def _marks_sentence(summary: Summary, mk: Markup) -> str:
     test = ("paired t-test over the seeds both cells share" if summary.test == PAIRED
             else "Welch's t-test over seeds")
-    if summary.n_tests:
-        parts.append(
-            f"{mk.symbols['student']}: differs from Student, {mk.symbols['best']}: differs "
-            f"from the column's best, two-sided {test}, Holm-corrected over the "
-            f"{summary.n_tests} tests of the table, {mk.alpha} = {summary.alpha:g}.")
-    else:
-        parts.append(f"No difference is testable ({test} needs 2 or more runs per cell, with "
-                     "spread).")
-    if layout.delta:
-        parts.append(f"{mk.delta}: difference of means to Student.")
-    if layout.published:
-        if summary.published_sources:
-            cited = "; ".join(
-                mk.escape(f"{info.get('short', key)}: {info.get('epoch', '?')} epoch, "
-                          f"{info.get('aggregate', '?')}")
-                for key, info in summary.published_sources.items())
-            parts.append(f"pub.: published number ({cited}); {mk.symbols['published']}: more "
-                         "than 2 std from our mean.")
-        else:
-            parts.append("pub.: no published numbers for these settings and metric.")
-    return " ".join(parts)
+    if not summary.n_tests:
+        return (f"No difference is testable ({test} needs 2 or more runs per cell, with "
+                "spread).")
+    family = ("the one test of the table" if summary.n_tests == 1
+              else f"the {summary.n_tests} tests of the table")
+    s = mk.symbols
+    return (f"{s['better']}/{s['worse']}: significantly better/worse than the Student, "
+            f"{s['best']}: significantly below the column's best; two-sided {test}, "
+            f"Holm-corrected over {family}, {mk.alpha} = {summary.alpha:g}.")
+
+
+def _delta_sentence(summary: Summary, layout: Layout, mk: Markup) -> str:
+    text = f"{mk.delta}: difference of means to the Student"
+    if layout.effect_sizes:
+        kind = ("paired over the shared seeds" if summary.test == PAIRED
+                else "Welch, unequal variances")
+        text += (f", with its {summary.confidence:.0%} confidence interval ({kind})"
+                 .replace("%", mk.percent))
+        text += ("; g: Hedges' g, the difference over the pooled within-cell std with the "
+                 "small-sample correction")
+    return text + "."
+
+
+def _published_sentence(summary: Summary, mk: Markup) -> str:
+    if not summary.published_sources:
+        return ("pub.: no published numbers for these settings read at this table's epoch.")
+    cited = "; ".join(
+        mk.escape(f"{info.get('short', key)}: {source_epoch(info)} epoch, "
+                  f"{info.get('aggregate', '?')}")
+        for key, info in summary.published_sources.items())
+    return (f"pub.: published number ({cited}), shown only where it was read at the same "
+            f"epoch as ours; {mk.symbols['published']}: more than 2 std from our mean.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +516,8 @@ def render_latex(summary: Summary, layout: Layout = Layout(), label: str = "tab:
     sub, body = _grid(summary, layout, mk)
     headers = column_headers(summary, mk)
     width = len(sub)
-    names = {"mean": "ours", "delta": mk.delta, "pub": "pub."}
+    names = {"mean": metric_name(summary), "delta": mk.delta, "g": "$g$", "pub": "pub."}
+    wide = width * len(headers) > 4
     lines = [
         "% Generated by kdbench (python -m kdbench table); the provenance note beside this",
         "% file names the command, the commit and the runs behind every cell.",
@@ -347,8 +525,12 @@ def render_latex(summary: Summary, layout: Layout = Layout(), label: str = "tab:
         r"\centering",
         # Six settings with n in the cells do not fit a page at \small: shrink, but stay
         # within plain LaTeX + booktabs (no \resizebox, which needs graphicx).
-        r"\small" if width * len(headers) <= 4 else r"\footnotesize",
-        rf"\setlength{{\tabcolsep}}{{{6 if width * len(headers) <= 4 else 3}pt}}",
+        r"\footnotesize" if wide else r"\small",
+        rf"\setlength{{\tabcolsep}}{{{3 if wide else 6}pt}}",
+        # A caption above a table: the standard classes put \abovecaptionskip (10pt) above
+        # it and \belowcaptionskip (0pt) below, so the caption would touch \toprule.
+        # Local to this float; classes that place captions themselves keep their own skip.
+        r"\setlength{\belowcaptionskip}{6pt}",
         rf"\caption{{{caption(summary, layout, mk)}}}",
         rf"\label{{{label}}}",
         rf"\begin{{tabular}}{{l{'c' * (width * len(headers))}}}",
@@ -369,6 +551,8 @@ def render_latex(summary: Summary, layout: Layout = Layout(), label: str = "tab:
             lines.append(r"\midrule")
     lines.append(r"\bottomrule")
     lines.append(r"\end{tabular}")
+    for note in summary.footnotes:
+        lines.append(rf"\par\smallskip{{\footnotesize\raggedright $^{{*}}$\,{mk.escape(note)}\par}}")
     for note in summary.notes:
         lines.append(rf"\par\smallskip{{\footnotesize\raggedright {mk.escape(note)}\par}}")
     lines.append(r"\end{table}")
@@ -382,28 +566,75 @@ def _last_reference_row(summary: Summary) -> str | None:
     return refs[-1] if refs and others else None
 
 
-def render_markdown(summary: Summary, layout: Layout = Layout()) -> str:
-    """A GitHub table with the caption above and the notes below, for READMEs."""
+def render_markdown(summary: Summary, layout: Layout = Layout(),
+                    power: PowerAnalysis | None = None) -> str:
+    """A GitHub table with the caption above, footnotes and notes below, then the power
+    analysis when one is given."""
     mk = MARKDOWN
     sub, body = _grid(summary, layout, mk)
-    names = {"delta": mk.delta, "pub": "pub."}
+    names = {"delta": mk.delta, "g": "g", "pub": "pub."}
     headers = ["Method"]
     for header in column_headers(summary, mk):
         headers += [header if kind == "mean" else names[kind] for kind in sub]
     table = tabulate(body, headers=headers, tablefmt="github", disable_numparse=True,
                      colalign=["left"] + ["right"] * (len(headers) - 1))
     out = [caption(summary, layout, mk), "", table]
+    if summary.footnotes:
+        out += ["", *[r"\* " + mk.escape(note) for note in summary.footnotes]]
     if summary.notes:
         out += ["", "Notes:", *[f"- {mk.escape(note)}" for note in summary.notes]]
-    return "\n".join(out) + "\n"
+    if power is not None:
+        out += ["", render_power_markdown(power, summary)]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def render_power_markdown(power: PowerAnalysis, summary: Summary) -> str:
+    """The power analysis as a Markdown section: how it was computed, then one row per test."""
+    digits = summary.decimals
+    gap = power.gap
+    headers = ["Setting", "Comparison", "n", "pooled std", "observed Δ",
+               f"detectable gap (power {power.target:g})"]
+    if gap is not None:
+        headers += [f"power at gap {gap:g}", f"seeds for gap {gap:g}"]
+    rows = []
+    for _, line in power.frame.iterrows():
+        n = (f"{line['n_a']} pairs" if power.test == PAIRED
+             else f"{line['n_a']}" if line["n_a"] == line["n_b"] else f"{line['n_a']}/{line['n_b']}")
+        row = [line["setting"], MARKDOWN.escape(line["comparison"]), n,
+               _number(line["pooled_sd"], digits), _number(line["observed_difference"], digits,
+                                                            signed=True),
+               _number(line["detectable_gap"], digits)]
+        if gap is not None:
+            row += [_number(line["power_at_gap"], 2), _seeds(line["seeds_needed_for_gap"],
+                                                           line["pooled_sd"])]
+        rows.append(row)
+    table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+    return "\n".join([f"Power: {power.how}", "", table])
+
+
+def _seeds(needed: Any, sigma: float) -> str:
+    """Seeds needed: a count, "more than MOST_SEEDS", or a dash where no spread is known."""
+    if not math.isfinite(sigma):
+        return "—"
+    if needed is None or needed != needed:  # None, or NaN after a DataFrame round trip
+        return f"more than {MOST_SEEDS}"
+    return str(int(needed))
+
+
+def _number(value: float, digits: int, signed: bool = False) -> str:
+    if value is None or not math.isfinite(value):
+        return "—" if value is None or math.isnan(value) else "∞"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
 CSV_COLUMNS = ["setting", "dataset", "teacher_arch", "student_arch", "epochs", "metric", "row",
                "title", "n", "n_failed", "n_missing", "n_expected", "seeds", "mean", "std",
-               "ci_halfwidth", "confidence", "delta", "rank", "best_row", "test", "alpha",
+               "ci_halfwidth", "confidence", "delta", "delta_ci_low", "delta_ci_high",
+               "delta_ci_method", "hedges_g", "rank", "best_row", "test", "alpha",
                "p_vs_student", "p_vs_student_holm", "n_vs_student", "p_vs_best",
                "p_vs_best_holm", "n_vs_best", "published", "published_source",
-               "published_outside_2std", "values", "run_ids", "failed_run_ids"]
+               "published_outside_2std", "reading", "versions", "version_mark", "values",
+               "run_ids", "failed_run_ids"]
 
 
 def csv_frame(summary: Summary) -> pd.DataFrame:
@@ -415,8 +646,11 @@ def csv_frame(summary: Summary) -> pd.DataFrame:
     frame["confidence"] = summary.confidence
     frame["test"] = summary.test
     frame["alpha"] = summary.alpha
-    for name in ("seeds", "values", "run_ids", "failed_run_ids"):
-        frame[name] = frame[name].map(lambda items: ";".join(map(repr_number, items)))
+    # The interval of Δ follows the test: Welch's for unpaired runs, the paired one with --paired.
+    frame["delta_ci_method"] = summary.test
+    for name in ("seeds", "values", "run_ids", "failed_run_ids", "versions"):
+        if name in frame:
+            frame[name] = frame[name].map(lambda items: ";".join(map(repr_number, items)))
     return frame[[c for c in CSV_COLUMNS if c in frame.columns]]
 
 
@@ -428,49 +662,5 @@ def render_csv(summary: Summary) -> str:
     return csv_frame(summary).to_csv(index=False)
 
 
-def render_plot(summary: Summary, path: Path, layout: Layout = Layout()) -> None:
-    """Grouped bars: mean ± std (or CI) per row, one group per setting; PNG or PDF by suffix."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-    except ImportError:
-        raise UserError("plots need matplotlib, an optional extra: "
-                        "pip install 'kdbench[plot]' (or pip install matplotlib)") from None
-    cells = summary.cells
-    headers = column_headers(summary, MARKDOWN)
-    rows = summary.rows
-    width = 0.8 / max(1, len(rows))
-    figure = Figure(figsize=(max(4.0, 1.0 + 0.35 * len(rows) * len(headers)), 3.6))
-    axes = figure.add_subplot()
-    lows: list[float] = []
-    for i, row in enumerate(rows):
-        xs, means, errors = [], [], []
-        for j, setting in enumerate(summary.settings):
-            hit = cells[(cells["setting"] == setting) & (cells["row"] == row) & (cells["n"] > 0)]
-            if hit.empty:
-                continue
-            cell = hit.iloc[0]
-            error = cell["ci_halfwidth"] if layout.ci else cell["std"]
-            xs.append(j - 0.4 + width * (i + 0.5))
-            means.append(cell["mean"])
-            errors.append(error if math.isfinite(error) else 0.0)
-            lows.append(cell["mean"] - errors[-1])
-        title = cells.loc[cells["row"] == row, "title"]
-        axes.bar(xs, means, width, yerr=errors, capsize=2,
-                 label=title.iloc[0] if not title.empty else row,
-                 hatch="//" if row.split("[", 1)[0] == TEACHER else None)
-    axes.set_xticks(range(len(headers)), headers)
-    metric = "top-1" if summary.metric.startswith("top1") else "top-5"
-    epoch = "last" if summary.metric.endswith("last") else "best"
-    spread = f"{summary.confidence:.0%} CI" if layout.ci else "std"
-    axes.set_ylabel(f"{metric} accuracy (%), {epoch} epoch")
-    axes.set_title(f"mean ± {spread} over seeds (y axis does not start at 0)", fontsize=9)
-    if lows:
-        # Differences of a point or less are the point of the chart: zoom in on them.
-        axes.set_ylim(bottom=max(0.0, math.floor(min(lows)) - 1))
-    axes.legend(fontsize=7, ncols=min(4, len(rows)), loc="upper left",
-                bbox_to_anchor=(0, -0.12))
-    axes.grid(axis="y", alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # No creation date in PDFs: a regenerated, unchanged table should not show as changed.
-    metadata = {"CreationDate": None} if path.suffix.lower() == ".pdf" else {}
-    figure.savefig(path, bbox_inches="tight", dpi=150, metadata=metadata)
+def render_power_csv(power: PowerAnalysis) -> str:
+    return power.frame.to_csv(index=False)

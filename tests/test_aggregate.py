@@ -21,8 +21,9 @@ import pandas as pd
 import pytest
 from scipy.special import betainc
 
-from kdbench.aggregate import (ci_halfwidth, dense_ranks, holm, load_published, paired_pvalue,
-                               summarize, welch_pvalue)
+from kdbench.aggregate import (ci_halfwidth, dense_ranks, hedges_g, holm, load_published,
+                               paired_interval, paired_pvalue, summarize, welch_interval,
+                               welch_pvalue)
 from kdbench.errors import UserError
 from kdbench.store import Store, load_records
 
@@ -43,33 +44,47 @@ STUDENTS = {
 def make_record(setting: str, method: str, seed: int, value: float | None, *,
                 role: str = "student", config: dict | None = None,
                 overrides: dict | None = None, epochs: int = 240,
-                precision: str = "fp32") -> dict[str, Any]:
-    """A record in the format documented in kdbench/store.py; value None: a failed run."""
+                precision: str = "fp32", display_name: str | None = None,
+                fidelity: str | None = None, fidelity_note: str | None = None,
+                method_sha: str | None = "a" * 64, training_version: int | None = 1,
+                teacher_checkpoint: str | None = None, train_subset: int | None = None,
+                resolved_config: dict | None = None, **provenance: Any) -> dict[str, Any]:
+    """A record in the format documented in kdbench/store.py, with the fields interfaces.md
+    adds (method_display_name; provenance fidelity, fidelity_note, method_source_sha256,
+    training_version); value None: a failed run. Like train.py, the record's recipe holds the
+    spec's overrides and ``config`` the method's resolved config."""
     spec = {"setting": setting, "method": method, "seed": seed, "role": role,
             "config": config or {}, "overrides": overrides or {}, "teacher_seed": 0,
-            "teacher_checkpoint": None}
+            "teacher_checkpoint": teacher_checkpoint}
     if precision != "fp32":  # kdbench.spec leaves fp32 out of the JSON
         spec["precision"] = precision
     run_id = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     dataset, pair = setting.split("/")
     teacher, student = pair.split("-") if "-" in pair else ("wrn_16_2", "resnet8")
     done = value is not None
-    return {
+    recipe = {"epochs": epochs, "batch_size": 64, "lr": 0.05}
+    record = {
         "id": run_id,
         "status": "done" if done else "failed",
         "spec": spec,
         "setting": {"name": setting, "dataset": dataset, "teacher": teacher,
                     "student": student, "num_classes": 100,
-                    "recipe": {"epochs": epochs, "batch_size": 64, "lr": 0.05},
-                    "teacher_recipe": {"epochs": epochs, "batch_size": 64, "lr": 0.05},
+                    "recipe": {**recipe, **(overrides or {})},
+                    "teacher_recipe": recipe, "train_subset": train_subset,
                     "recipe_source": "common recipe (RepDistiller/mdistiller)"},
+        "config": {**(config or {}), **(resolved_config or {})},
         "metrics": {"top1_last": value, "top1_best": value + 0.25 + 0.01 * seed,
                     "top5_last": 92.0, "top5_best": 92.5, "best_epoch": 200} if done else None,
         "error": None if done else {"type": "RuntimeError", "message": "CUDA out of memory",
                                     "traceback": "...", "step": 123},
         "history": [],
-        "provenance": {"git_commit": "0123abc", "finished_at": f"2025-01-0{seed + 1}T00:00"},
+        "provenance": {"git_commit": "0123abc", "finished_at": f"2025-01-0{seed + 1}T00:00",
+                       "method_source_sha256": method_sha, "training_version": training_version,
+                       "fidelity": fidelity, "fidelity_note": fidelity_note, **provenance},
     }
+    if display_name is not None:
+        record["method_display_name"] = display_name
+    return record
 
 
 def write_records(root: Path, students: dict[str, dict[str, list[float | None]]],
@@ -295,7 +310,8 @@ def test_config_variants_become_separate_rows(tmp_path: Path) -> None:
     summary = summarize(load_records(tmp_path))
     assert summary.rows == ["vanilla", "kd[T=2]", "kd[T=4]"]
     assert summary.cell(A, "kd[T=4]")["mean"] == pytest.approx(75.0)
-    assert summary.cell(A, "kd[T=2]")["title"] == "kd[T=2]"
+    # The key is what --methods takes; the title is what a paper prints.
+    assert summary.cell(A, "kd[T=2]")["title"] == "kd (T = 2)"
     only = summarize(load_records(tmp_path), methods=["kd[T=4]"])
     assert only.rows == ["vanilla", "kd[T=4]"]
 
@@ -310,7 +326,7 @@ def test_two_student_experiments_in_a_column_are_refused(tmp_path: Path) -> None
         summarize(load_records(tmp_path))
     summary = summarize(load_records(tmp_path), methods=["vanilla[epochs=2]", "kd"])
     assert summary.cell(A, "vanilla[epochs=2]")["mean"] == pytest.approx(60.5)
-    assert summary.cell(A, "vanilla[epochs=2]")["title"] == "Student[epochs=2]"
+    assert summary.cell(A, "vanilla[epochs=2]")["title"] == "Student (epochs = 2)"
 
 
 def test_a_seed_recorded_twice_is_refused(tmp_path: Path) -> None:
@@ -371,7 +387,9 @@ def test_published_numbers_are_compared_only_at_their_own_epoch(results: Path) -
 
 
 def test_aggregation_modules_import_no_torch() -> None:
-    code = ("import sys, kdbench.aggregate, kdbench.tables, kdbench.report; "
+    code = ("import sys, kdbench.aggregate, kdbench.tables, kdbench.report, kdbench.power, "
+            "kdbench.rows, kdbench.figure, kdbench.latex_pdf, kdbench.revision, "
+            "kdbench.datasets; "
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
             "assert not bad, bad")
     root = Path(__file__).resolve().parents[1]
@@ -405,3 +423,210 @@ def test_bf16_runs_never_share_a_cell_with_fp32_runs(tmp_path: Path) -> None:
         assert ("Arithmetic: fp32." in text) == (precision == "fp32")
     with pytest.raises(UserError, match="no student runs made at precision bf16"):
         summarize(load_records(write_records(tmp_path / "only-fp32", fp32, {A: 75.61})), precision="bf16")
+
+
+# --- effect sizes -----------------------------------------------------------------------------
+
+def test_welch_interval_and_hedges_g_by_hand() -> None:
+    a, b = [74.9, 75.2, 74.7, 75.0, 74.8], [73.1, 73.3, 72.9, 73.4, 73.0, 73.9]
+    ma, mb = sum(a) / 5, sum(b) / 6
+    va = sum((x - ma) ** 2 for x in a) / 4
+    vb = sum((x - mb) ** 2 for x in b) / 5
+    se2 = va / 5 + vb / 6
+    df = se2 ** 2 / ((va / 5) ** 2 / 4 + (vb / 6) ** 2 / 5)
+    half = stats_t_quantile(0.975, df) * math.sqrt(se2)
+    assert welch_interval(a, b) == pytest.approx((ma - mb - half, ma - mb + half))
+    pooled = math.sqrt((4 * va + 5 * vb) / 9)
+    # Hedges' J at df = 9 from the gamma functions: Gamma(4.5) / (sqrt(4.5) Gamma(4)).
+    j = math.gamma(4.5) / (math.sqrt(4.5) * math.gamma(4.0))
+    assert j == pytest.approx(1 - 3 / (4 * 9 - 1), abs=2e-3)  # Hedges' approximation agrees
+    assert hedges_g(a, b) == pytest.approx(j * (ma - mb) / pooled)
+    assert hedges_g(b, a) == pytest.approx(-hedges_g(a, b))  # antisymmetric
+    assert math.isnan(hedges_g([1.0], [1.0, 2.0])) and math.isnan(welch_interval([1.0], b)[0])
+
+
+def stats_t_quantile(q: float, df: float) -> float:
+    """The t quantile by bisection on the regularised incomplete beta (independent of ppf)."""
+    low, high = 0.0, 100.0
+    for _ in range(200):
+        middle = (low + high) / 2
+        tail = 0.5 * float(betainc(df / 2, 0.5, df / (df + middle * middle)))
+        low, high = (middle, high) if 1 - tail < q else (low, middle)
+    return (low + high) / 2
+
+
+def test_paired_interval_is_the_t_interval_of_the_differences() -> None:
+    a, b = [74.9, 75.2, 74.7, 75.0, 74.8], [74.0, 74.3, 73.8, 74.1, 74.5]
+    d = [x - y for x, y in zip(a, b)]
+    md = sum(d) / 5
+    sd = math.sqrt(sum((x - md) ** 2 for x in d) / 4)
+    half = stats_t_quantile(0.975, 4) * sd / math.sqrt(5)
+    assert paired_interval(a, b) == pytest.approx((md - half, md + half))
+
+
+def test_cells_carry_effect_sizes_following_the_test(results: Path) -> None:
+    welch = summarize(load_records(results)).cell(A, "kd")
+    low, high = welch_interval(STUDENTS[A]["kd"], STUDENTS[A]["vanilla"])
+    assert (welch["delta_ci_low"], welch["delta_ci_high"]) == pytest.approx((low, high))
+    assert welch["hedges_g"] == pytest.approx(hedges_g(STUDENTS[A]["kd"], STUDENTS[A]["vanilla"]))
+    assert low < welch["delta"] < high
+    paired = summarize(load_records(results), paired=True).cell(B, "kd")  # seeds 0-3 shared
+    low, high = paired_interval(done_values(B, "kd"), STUDENTS[B]["vanilla"][:4])
+    assert (paired["delta_ci_low"], paired["delta_ci_high"]) == pytest.approx((low, high))
+    summary = summarize(load_records(results))
+    assert math.isnan(summary.cell(A, "vanilla")["delta_ci_low"])  # no interval to itself
+
+
+def test_comparisons_are_the_holm_family_oriented_method_vs_reference(results: Path) -> None:
+    summary = summarize(load_records(results))
+    family = summary.comparisons
+    assert len(family) == summary.n_tests == 6
+    pairs = set(zip(family["setting"], family["row_a"], family["row_b"]))
+    assert (A, "kd", "vanilla") in pairs and (A, "at", "kd") in pairs
+    kd = family[(family["setting"] == A) & (family["row_a"] == "kd")].iloc[0]
+    assert kd["kinds"] == "vs student, vs best"  # the best vs Student: one test, two roles
+    assert kd["p_holm"] == pytest.approx(summary.cell(A, "kd")["p_vs_student_holm"])
+
+
+# --- titles, versions, fidelity ---------------------------------------------------------------
+
+def test_titles_come_from_the_records_display_names(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for seed in range(2):
+        store.write(make_record(A, "vanilla", seed, 73.0 + seed, display_name="Vanilla"))
+        store.write(make_record(A, "fitnet", seed, 74.0 + seed, display_name="FitNets"))
+        store.write(make_record(A, "crd+kd", seed, 75.0 + seed, display_name="CRD + KD"))
+        store.write(make_record(A, "rkd", seed, 73.5 + seed))  # an old record: no display name
+    summary = summarize(load_records(tmp_path))
+    assert summary.titles == {"vanilla": "Student", "crd+kd": "CRD + KD", "fitnet": "FitNets",
+                              "rkd": "rkd"}
+    renamed = summarize(load_records(tmp_path), labels={"rkd": "RKD", "vanilla": "Baseline"})
+    assert renamed.titles["rkd"] == "RKD" and renamed.titles["vanilla"] == "Baseline"
+    with pytest.raises(UserError, match="--label dkd=.*no such row"):
+        summarize(load_records(tmp_path), labels={"dkd": "DKD"})
+    with pytest.raises(UserError, match="two rows the title 'FitNets'"):
+        summarize(load_records(tmp_path), labels={"rkd": "FitNets"})
+
+
+def test_variant_titles_are_printable_with_resolved_values(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for seed in range(2):
+        store.write(make_record(A, "vanilla", seed, 73.0 + seed))
+        # The default run stores no T in its spec; its record's config says T was 4.0.
+        store.write(make_record(A, "kd", seed, 74.0 + seed, display_name="KD",
+                                resolved_config={"T": 4.0, "logit_standardization": False}))
+        store.write(make_record(A, "kd", seed, 74.5 + seed, config={"T": 2.0}, display_name="KD",
+                                resolved_config={"logit_standardization": False}))
+        store.write(make_record(A, "kd", seed, 75.0 + seed, config={"logit_standardization": True},
+                                display_name="KD + LS", resolved_config={"T": 4.0}))
+        store.write(make_record(A, "at", seed, 74.2 + seed, overrides={"epochs": 5}))
+        store.write(make_record(A, "at", seed, 74.1 + seed))
+    summary = summarize(load_records(tmp_path))
+    titles = {row: summary.titles[row] for row in summary.rows}
+    # Keys keep the spec's view; titles print values ("default" becomes the number used), and
+    # the LS field is left out because the display names already tell those rows apart.
+    assert titles["kd[T=default,logit_standardization=default]"] == "KD (T = 4)"
+    assert titles["kd[T=2.0,logit_standardization=default]"] == "KD (T = 2)"
+    assert titles["kd[T=default,logit_standardization=true]"] == "KD + LS (T = 4)"
+    assert titles["at[epochs=5]"] == "at (epochs = 5)"
+    assert titles["at[epochs=default]"] == "at (epochs = 240)"
+    assert not any("default" in title or "[" in title for title in titles.values())
+    # Renaming the method renames every variant alike, so the LS field must now be printed.
+    one = summarize(load_records(tmp_path), labels={"kd": "Hinton KD"})
+    assert (one.titles["kd[T=2.0,logit_standardization=default]"]
+            == "Hinton KD (T = 2, logit_standardization = off)")
+    assert (one.titles["kd[T=default,logit_standardization=true]"]
+            == "Hinton KD (T = 4, logit_standardization = on)")
+    row = summarize(load_records(tmp_path), labels={"at[epochs=5]": "AT, short"})
+    assert row.titles["at[epochs=5]"] == "AT, short"
+    assert row.titles["at[epochs=default]"] == "at (epochs = 240)"
+
+
+def test_two_versions_in_a_cell_are_refused_unless_pooled(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for seed in range(4):
+        store.write(make_record(A, "vanilla", seed, 73.0 + 0.1 * seed))
+        # Seeds 2 and 3 of kd were made after methods/kd.py changed.
+        store.write(make_record(A, "kd", seed, 74.0 + 0.1 * seed,
+                                method_sha=("a" if seed < 2 else "b") * 64))
+    with pytest.raises(UserError, match=r"kd: its 4 records come from 2 versions.*"
+                                        r"2 from source aaaaaaaaaaaa.*--pool-versions"):
+        summarize(load_records(tmp_path))
+    summary = summarize(load_records(tmp_path), pool_versions=True)
+    kd = summary.cell(A, "kd")
+    assert kd["n"] == 4 and kd["version_mark"] and summary.pooled_versions == 1
+    assert not summary.cell(A, "vanilla")["version_mark"]
+    assert any("pooled over 2 code versions" in note for note in summary.notes)
+
+
+def test_an_engine_version_change_is_a_version_change(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for seed in range(2):
+        store.write(make_record(A, "kd", seed, 74.0 + seed, training_version=1 + seed))
+    with pytest.raises(UserError, match="engine 1.*engine 2|engine 2.*engine 1"):
+        summarize(load_records(tmp_path))
+
+
+def test_a_row_with_one_version_per_column_is_marked(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for seed in range(2):
+        for setting, sha in ((A, "a"), (B, "b")):
+            store.write(make_record(setting, "vanilla", seed, 73.0 + seed))
+            store.write(make_record(setting, "kd", seed, 74.0 + seed, method_sha=sha * 64))
+    summary = summarize(load_records(tmp_path))  # no cell pools: allowed, but marked
+    assert summary.cell(A, "kd")["version_mark"] and summary.cell(B, "kd")["version_mark"]
+    assert not summary.cell(A, "vanilla")["version_mark"]
+    assert any("kd: its columns come from different code versions" in n for n in summary.notes)
+
+
+def test_a_reading_of_the_paper_gets_a_footnote(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for seed in range(2):
+        store.write(make_record(A, "vanilla", seed, 73.0 + seed, fidelity="paper"))
+        store.write(make_record(A, "crg", seed, 74.0 + seed, display_name="CRG",
+                                fidelity="reading of the paper",
+                                fidelity_note="only the abstract is public"))
+    summary = summarize(load_records(tmp_path))
+    assert summary.cell(A, "crg")["reading"] and not summary.cell(A, "vanilla")["reading"]
+    assert summary.footnotes == ["CRG: kdbench's reading of the paper, whose full details are "
+                                 "not public (only the abstract is public)"]
+
+
+# --- the teacher, published protocols ---------------------------------------------------------
+
+def test_a_given_teacher_checkpoint_is_named_in_the_columns(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    checksum = "c" * 64
+    store.write(make_record(A, "vanilla", 0, 76.0, role="teacher", teacher_checkpoint=checksum,
+                            teacher_checkpoint_file="wrn40.pth", epochs=8))
+    for seed in range(2):
+        store.write(make_record(A, "kd", seed, 74.0 + seed, teacher_checkpoint=checksum))
+    column = summarize(load_records(tmp_path)).column(A)
+    assert column["teacher_checkpoint"] == checksum
+    assert column["teacher_checkpoint_file"] == "wrn40.pth"
+    assert column["teacher_epochs"] is None and not column["trained_teacher"]
+
+
+def test_published_numbers_are_compared_only_at_the_same_epoch(results: Path) -> None:
+    published = {
+        "sources": {"last": {"short": "R", "epoch": "last", "aggregate": "mean of 5"},
+                    "best": {"short": "M", "epoch": "best", "aggregate": "best epoch, mean of 5"}},
+        "settings": {A: [{"source": "last", "top1": {"kd": 74.9}},
+                         {"source": "best", "top1": {"kd": 76.0, "dkd": 76.3}}]},
+    }
+    last = summarize(load_records(results), published=published)
+    assert last.cell(A, "kd")["published"] == 74.9 and list(last.published_sources) == ["last"]
+    assert any("published numbers of M are best-epoch" in note for note in last.notes)
+    best = summarize(load_records(results), published=published, metric="best")
+    assert best.cell(A, "kd")["published"] == 76.0 and list(best.published_sources) == ["best"]
+    # published.json's own form: further sources under the entry's "also".
+    nested = {"sources": published["sources"],
+              "settings": {A: {"source": "last", "top1": {"kd": 74.9},
+                               "also": [{"source": "best", "top1": {"kd": 76.0}}]}}}
+    assert summarize(load_records(results), published=nested,
+                     metric="best").cell(A, "kd")["published"] == 76.0
+    assert summarize(load_records(results), published=nested).cell(A, "kd")["published"] == 74.9
+    # The format before lists: one entry per setting, still read.
+    old = {"sources": published["sources"], "settings": {A: {"source": "last",
+                                                             "top1": {"kd": 74.0}}}}
+    assert summarize(load_records(results), published=old).cell(A, "kd")["published"] == 74.0

@@ -23,7 +23,8 @@ from kdbench.aggregate import summarize
 from kdbench.errors import UserError
 from kdbench.report import add_table_arguments, table_command
 from kdbench.store import load_records
-from kdbench.tables import Layout, render_csv, render_latex, render_markdown, render_plot
+from kdbench.figure import render_figure
+from kdbench.tables import Layout, render_csv, render_latex, render_markdown
 
 # tests/ is on sys.path under pytest's default (rootdir-relative) import mode.
 from test_aggregate import A, B, STUDENTS, TEACHERS, write_records
@@ -122,8 +123,9 @@ def test_latex_numbers_marks_and_escaping(results: Path) -> None:
     assert kd_a.startswith(r"\textbf{74.92 $\pm$ 0.19}")
     assert at_a.startswith(r"\underline{74.08 $\pm$ 0.19}")
     assert r"\textbf" not in rows["Student"][column_of(A, settings)]
-    # kd and at beat the Student; at is also below kd: both marks, Holm-corrected.
-    assert r"$^{\dagger}$" in kd_a and r"$^{\dagger\ddagger}$" in at_a
+    # kd and at beat the Student (up arrow: the direction is in the mark); at is also below
+    # kd, the column's best: both marks, Holm-corrected.
+    assert r"$^{\uparrow}$" in kd_a and r"$^{\uparrow\ddagger}$" in at_a
     assert r"\caption{" in text and "Holm" in text and "Welch" in text
     assert "last epoch" in text and "240 epochs" in text
 
@@ -184,25 +186,36 @@ def test_delta_ci_and_published_columns(results: Path) -> None:
                                                     "top1": {"kd": 70.0, "vanilla": 73.2}}}})
     text = render_markdown(summary, Layout(delta=True, ci=True, published=True))
     rows = markdown_rows(text)
-    assert rows["__header__"][1:4] == ["resnet56 → resnet20", "Δ", "pub."]
-    kd_a = rows["kd"][4:7]
-    values = STUDENTS[A]["kd"]
+    # --delta --ci: Δ with its interval, and Hedges' g, per setting.
+    assert rows["__header__"][1:5] == ["resnet56 → resnet20", "Δ", "g", "pub."]
+    kd_a = rows["kd"][5:9]
+    values, student = STUDENTS[A]["kd"], STUDENTS[A]["vanilla"]
     half = stats.t.ppf(0.975, 4) * pd.Series(values).std() / math.sqrt(5)
     assert MEAN_STD_MD.search(kd_a[0]).group(2) == f"{half:.2f}"
-    delta = sum(values) / 5 - sum(STUDENTS[A]["vanilla"]) / 5
-    assert kd_a[1] == f"{delta:+.2f}"
-    assert kd_a[2] == "70.00§"  # 4.9 points from ours: far outside 2 std
-    assert rows["Student"][6] == "73.20"  # within 2 std: no mark
-    assert rows["Student"][5] == "—" and rows["at"][3] == "—"  # no Δ for Student; no pub.
+    delta = sum(values) / 5 - sum(student) / 5
+    va, vb = pd.Series(values).var() / 5, pd.Series(student).var() / 5
+    df = (va + vb) ** 2 / (va ** 2 / 4 + vb ** 2 / 4)
+    low, high = (delta - stats.t.ppf(0.975, df) * math.sqrt(va + vb),
+                 delta + stats.t.ppf(0.975, df) * math.sqrt(va + vb))
+    assert kd_a[1] == f"{delta:+.2f} [{low:+.2f}, {high:+.2f}]"
+    assert kd_a[2].startswith("+") and float(kd_a[2]) > 5  # 1.78 points at std 0.2: huge
+    assert kd_a[3] == "70.00§"  # 4.9 points from ours: far outside 2 std
+    assert rows["Student"][8] == "73.20"  # within 2 std: no mark
+    assert rows["Student"][6] == "—" and rows["at"][4] == "—"  # no Δ for Student; no pub.
     assert "95% t confidence interval" in text and "X 2020" in text
+    assert "95% confidence interval (Welch" in text and "Hedges' g" in text
 
 
 # ---------------------------------------------------------------------------------------------
 # LaTeX compiles, and the PDF shows the numbers
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(shutil.which("pdflatex") is None or shutil.which("pdftotext") is None,
-                    reason="pdflatex/pdftotext not installed (CI installs them)")
+HAVE_LATEX = all(shutil.which(tool) for tool in ("pdflatex", "pdftotext", "pdftoppm"))
+needs_latex = pytest.mark.skipif(not HAVE_LATEX, reason="pdflatex/poppler-utils not installed "
+                                                        "(CI installs them)")
+
+
+@needs_latex
 def test_latex_compiles_and_the_pdf_shows_the_numbers(results: Path, tmp_path: Path) -> None:
     out = tmp_path / "tables" / "cifar.tex"
     run_table(["--results", str(results), "--out", str(out), "--delta", "--compare-published"])
@@ -226,6 +239,7 @@ def test_latex_compiles_and_the_pdf_shows_the_numbers(results: Path, tmp_path: P
 # The command
 # ---------------------------------------------------------------------------------------------
 
+@needs_latex
 def test_one_command_writes_every_format(results: Path, tmp_path: Path,
                                          capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "tables" / "kd.tex"
@@ -233,10 +247,18 @@ def test_one_command_writes_every_format(results: Path, tmp_path: Path,
                "--out", str(out)])
     written = capsys.readouterr()
     names = sorted(p.name for p in out.parent.iterdir())
-    assert names == ["kd.csv", "kd.md", "kd.png", "kd.provenance.md", "kd.tex"]
-    assert (out.parent / "kd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert names == ["kd.csv", "kd.figure.pdf", "kd.figure.png", "kd.md", "kd.pdf", "kd.png",
+                     "kd.provenance.md", "kd.tex"]
+    for png in ("kd.png", "kd.figure.png"):
+        assert (out.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for pdf in ("kd.pdf", "kd.figure.pdf"):
+        assert (out.parent / pdf).read_bytes()[:5] == b"%PDF-"
+    # kd.pdf is the table (its text is the caption and the numbers), the figure has its name.
+    table_text = subprocess.run(["pdftotext", str(out.parent / "kd.pdf"), "-"], check=True,
+                                capture_output=True, text=True).stdout
+    assert "Table 1:" in table_text and "74.92" in table_text
     tex = out.read_text()
-    assert r"\label{tab:kd}" in tex and r"$^{\dagger}$" in tex and "($n$ = 4 of 5)" in tex
+    assert r"\label{tab:kd}" in tex and r"$^{\uparrow}$" in tex and "($n$ = 4 of 5)" in tex
     assert "cifar100" in tex and "240 epochs" in tex and "last epoch" in tex
     provenance = (out.parent / "kd.provenance.md").read_text()
     assert "python -m kdbench table --results" in provenance and "--format all" in provenance
@@ -262,7 +284,8 @@ def test_uniform_seeds_put_n_in_the_caption(tmp_path: Path,
     write_records(tmp_path, {A: {"vanilla": [73.0, 73.2, 73.1], "kd": [74.0, 74.4, 74.2]}},
                   {A: 75.6})
     text = run_table(["--results", str(tmp_path)], capsys)
-    assert "over n = 3 seeds (0–2)" in text and "Teacher: a single run." in text
+    assert "over n = 3 student seeds (0–2)" in text
+    assert "distils the same teacher, a single run" in text
     assert "(n =" not in markdown_rows(text)["kd"][1]
 
 
@@ -284,7 +307,13 @@ def test_user_errors(results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(UserError, match="matplotlib"):
-        render_plot(summarize(load_records(results)), tmp_path / "x.png")
+        render_figure(summarize(load_records(results)), "png")
+    # --format all without matplotlib: one clear line, and nothing written, not even the
+    # outputs that need no matplotlib (the issue: "writes half the outputs and no provenance").
+    out = tmp_path / "half" / "t"
+    with pytest.raises(UserError, match="matplotlib"):
+        run_table(["--results", str(results), "--format", "all", "--out", str(out)])
+    assert not out.parent.exists() or not any(out.parent.iterdir())
 
 
 def test_failed_only_cell_is_shown_as_failed(tmp_path: Path,
