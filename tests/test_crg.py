@@ -168,3 +168,4 @@ def test_connectors_map_each_paired_student_stage_to_the_teacher_width() -> None
     method.build(student, teacher, num_train=16)
     assert [(c[0].in_channels, c[0].out_channels) for c in method.connectors] == [(128, 16), (256, 32), (512, 64)]
     assert method.fidelity == "reading of the paper" and method.display_name == "CRG"
+
