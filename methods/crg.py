@@ -51,7 +51,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdbench.method import STAGES, Batch, FeatureShapes, Features, Method, MethodConfig, Progress
+from kdbench.method import (
+    FIDELITY_READING,
+    STAGES,
+    Batch,
+    FeatureShapes,
+    Features,
+    Method,
+    MethodConfig,
+    Progress,
+)
 
 # Eigenvalue gaps below this fraction of the largest |eigenvalue| are treated as ties in the
 # projector's gradient (the order of what fp32 resolves, as in methods/mhgd.py).
@@ -203,7 +212,7 @@ class CRG(Method):
     display_name = "CRG"
     paper = ("Wang, Huang, Ma, Wu & Ma. Exploring Graph-based Knowledge: Multi-Level Feature "
              "Distillation via Channels Relational Graph. arXiv 2405.08547, 2024")
-    fidelity = "reading of the paper"
+    fidelity = FIDELITY_READING
     fidelity_note = ("abstract and objective only (no code): channel graphs at the last min(L_s, L_t) "
                      "stages, student 1x1 conv+BN to the teacher's width, cosine edges, vertex MSE "
                      "weighted by the teacher's spatial attention, edge MSE, spectral term = distance "

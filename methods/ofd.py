@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench.method import (
+    FIDELITY_AUTHORS_CODE,
     PREACT_STAGES,
     Batch,
     FeatureShapes,
@@ -111,7 +112,7 @@ class OFD(Method):
     display_name = "OFD"
     paper = ("Heo, Kim, Yun, Park, Kwak & Choi. A Comprehensive Overhaul of Feature Distillation. "
              "ICCV 2019")
-    fidelity = "authors' code"
+    fidelity = FIDELITY_AUTHORS_CODE
     fidelity_note = ("clovaai/overhaul-distillation CIFAR-100 (= mdistiller OFD): pre-ReLU stages, "
                      "1x1 conv+BN connector, margin from the teacher's BN, partial L2, level i of L "
                      "weighted 2^-(L-1-i), weight 1e-3; the teacher runs in eval mode here (train mode "

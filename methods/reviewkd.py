@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench.method import (
+    FIDELITY_AUTHORS_CODE,
     EMBEDDING,
     PREACT_STAGES,
     STAGES,
@@ -136,7 +137,7 @@ class ReviewKD(Method):
     name = "reviewkd"
     display_name = "ReviewKD"
     paper = "Chen, Liu, Zhao & Jia. Distilling Knowledge via Knowledge Review. CVPR 2021"
-    fidelity = "authors' code"
+    fidelity = FIDELITY_AUTHORS_CODE
     fidelity_note = ("dvlab-research/ReviewKD CIFAR-100 (= mdistiller ReviewKD): ABF over student stages "
                      "+ embedding, HCL against the teacher's pre-ReLU stages + embedding, weight 5 "
                      "(the authors' per-pair value for wrn_40_2-wrn_16_2), warm-up 20/240 of the epochs "

@@ -142,3 +142,28 @@ def test_a_teacher_without_a_bn_before_the_relu_is_refused() -> None:
                             preact_norms=(SHAPES.preact_norms[0], None, SHAPES.preact_norms[2]))
     with pytest.raises(ValueError, match="BN before the ReLU"):
         OFD(OFDConfig()).build(SHAPES, teacher, num_train=16)
+
+
+def test_margins_are_read_from_a_real_teachers_bns_before_the_relu() -> None:
+    # wrn_16_1's BNs before the ReLU (the authors' get_bn_before_relu: block2.layer[0].bn1,
+    # block3.layer[0].bn1, bn1), given trained-looking values; OFD's margins must be theirs.
+    from kdbench.method import PREACT_STAGES
+    from kdbench.models import build_model
+    from kdbench.taps import FeatureTaps
+    from kdbench.train import shapes_of
+
+    torch.manual_seed(0)
+    teacher = build_model("wrn_16_1", 10, 3).eval()
+    norms = [teacher.get_submodule(name) for name in ("block2.layer.0.bn1", "block3.layer.0.bn1", "bn1")]
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.uniform_(0.2, 2.0)
+            norm.bias.uniform_(-1.0, 1.0)
+    taps = FeatureTaps(teacher, {PREACT_STAGES})
+    with torch.no_grad():
+        shapes = shapes_of(taps.pop(teacher(torch.zeros(2, 3, 16, 16))), teacher)
+    method = OFD(OFDConfig())
+    method.build(shapes, shapes, num_train=16)
+    for position, norm in enumerate(norms):
+        expected = [channel_margin(w, b) for w, b in zip(norm.weight.tolist(), norm.bias.tolist())]
+        torch.testing.assert_close(getattr(method, f"margin{position}"), torch.tensor(expected))

@@ -115,3 +115,22 @@ def test_stage_counts_that_differ_use_the_last_stages() -> None:
     assert method.student_stages == [1, 2, 3] and method.teacher_stages == [0, 1, 2]
     outputs = method.review(random_features(vgg, 2, False))
     assert [tuple(o.shape[1:]) for o in outputs] == [(16, 32, 32), (32, 16, 16), (64, 8, 8), (64, 1, 1)]
+
+
+@pytest.mark.parametrize("teacher, student, in_channels, out_channels, sizes", [
+    # build_review_kd: 'x4' students [64, 128, 256, 256] → the same, shapes [1, 8, 16, 32];
+    # 'resnet' students [16, 32, 64, 64], 'wrn' students [16r, 32r, 64r, 64r] → [32, 64, 128, 128].
+    ("resnet32x4", "resnet8x4", [64, 128, 256, 256], [64, 128, 256, 256], [32, 16, 8, 1]),
+    ("resnet56", "resnet20", [16, 32, 64, 64], [16, 32, 64, 64], [32, 16, 8, 1]),
+    ("wrn_40_2", "wrn_40_1", [16, 32, 64, 64], [32, 64, 128, 128], [32, 16, 8, 1]),
+])
+def test_modules_from_the_real_networks_match_build_review_kd(teacher, student, in_channels, out_channels,
+                                                               sizes) -> None:
+    from kdbench.testing import architecture_shapes
+
+    method = ReviewKD(ReviewKDConfig())
+    method.build(architecture_shapes(student, 100, 3, 32), architecture_shapes(teacher, 100, 3, 32), 16)
+    assert [f.reduce[0].in_channels for f in method.fusions] == in_channels
+    assert [f.output[0].out_channels for f in method.fusions] == out_channels
+    assert [f.out_size for f in method.fusions] == [(size, size) for size in sizes]
+    assert {f.reduce[0].out_channels for f in method.fusions} == {min(512, in_channels[-1])}
