@@ -53,7 +53,7 @@ def test_markdown_table_shows_teacher_student_and_method(grid_results, capsys):
     text = capsys.readouterr().out
     records = load(grid_results)
     teacher = next(r for r in records if r["spec"]["role"] == "teacher")
-    assert "Teacher" in text and "Student" in text and "kd" in text
+    assert "Teacher" in text and "Student" in text and "| KD " in text  # the display name
     assert f"{teacher['metrics']['top1_last']:.2f}" in text
     assert "±" in text
 
