@@ -71,6 +71,7 @@ from scipy import stats
 from kdbench.errors import UserError
 from kdbench.rows import STUDENT, TEACHER, base as _base, label_rows, row_titles
 from kdbench.spec import record_precision
+from kdbench.staleness import code_version
 
 # The exact string of kdbench.method.FIDELITY_READING (interfaces.md); not imported, since
 # kdbench.method imports torch and tables must not.
@@ -331,19 +332,10 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
 
 
 def method_version(record: Mapping[str, Any]) -> str:
-    """The code a record's numbers came from, as one printable string.
-
-    Two records are of the same version when their method's source hash
-    (``provenance.method_source_sha256``; for a composition, a hash over all its files) and the
-    engine's ``training_version`` (bumped whenever the engine changes what a run computes) are
-    equal. A record that lacks a field (made before it existed) says "unrecorded" for it: it
-    cannot be shown to match, so it counts as a version of its own.
-    """
-    provenance = record.get("provenance") or {}
-    sha = provenance.get("method_source_sha256")
-    engine = provenance.get("training_version")
-    return (f"source {sha[:12] if sha else 'unrecorded'}, "
-            f"engine {engine if engine is not None else 'unrecorded'}")
+    """The code a record's numbers came from, as one printable string (kdbench.staleness:
+    the method's source hash and the engine's ``training_version``; a record that lacks one
+    cannot be shown to match, so it counts as a version of its own)."""
+    return code_version(record).describe()
 
 
 def _as_float(value: Any) -> float:

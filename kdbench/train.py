@@ -19,7 +19,6 @@ import os
 import platform
 import random
 import socket
-import subprocess
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -105,12 +104,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def git_commit() -> str:
-    try:
-        root = Path(kdbench.__file__).resolve().parent.parent
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """kdbench's own revision (its checkout's commit, else the installed version), never the
+    git repository the user happens to run from (kdbench.revision)."""
+    from kdbench.revision import kdbench_revision
+
+    return kdbench_revision()
 
 
 def pick_device(options: TrainOptions) -> torch.device:
