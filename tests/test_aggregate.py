@@ -550,7 +550,7 @@ def test_two_versions_in_a_cell_are_refused_unless_pooled(tmp_path: Path) -> Non
         store.write(make_record(A, "kd", seed, 74.0 + 0.1 * seed,
                                 method_sha=("a" if seed < 2 else "b") * 64))
     with pytest.raises(UserError, match=r"kd: its 4 records come from 2 versions.*"
-                                        r"2 from source aaaaaaaaaaaa.*--pool-versions"):
+                                        r"2 from sha256 aaaaaaaaaaaa.*--pool-versions"):
         summarize(load_records(tmp_path))
     summary = summarize(load_records(tmp_path), pool_versions=True)
     kd = summary.cell(A, "kd")
@@ -563,7 +563,7 @@ def test_an_engine_version_change_is_a_version_change(tmp_path: Path) -> None:
     store = Store(tmp_path)
     for seed in range(2):
         store.write(make_record(A, "kd", seed, 74.0 + seed, training_version=1 + seed))
-    with pytest.raises(UserError, match="engine 1.*engine 2|engine 2.*engine 1"):
+    with pytest.raises(UserError, match="training_version 1.*training_version 2|training_version 2.*training_version 1"):
         summarize(load_records(tmp_path))
 
 
