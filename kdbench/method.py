@@ -131,6 +131,9 @@ class PretrainStage:
     # The stage optimiser's weight decay; None: the setting's. MHGD's stage 1 sets 0 because its
     # loss carries its own L2 term (the reference regularises the attention network only so).
     weight_decay: float | None = None
+    # The stage optimiser's initial learning rate; None: the setting's. RepDistiller trains FT's
+    # paraphraser at 0.01 whatever the student's rate (helper/pretrain.py).
+    lr: float | None = None
 
 
 @dataclass(frozen=True)

@@ -353,6 +353,9 @@ def check_stage(method: Method, stage: PretrainStage, student: nn.Module, studen
     weight_decay = getattr(stage, "weight_decay", None)
     if weight_decay is not None and not weight_decay >= 0:
         raise ContractError(f"weight_decay must be None or >= 0, got {weight_decay!r}")
+    lr = getattr(stage, "lr", None)
+    if lr is not None and not lr > 0:
+        raise ContractError(f"lr must be None or > 0, got {lr!r}")
     if stage.student_up_to_stage is not None and STAGES not in type(method).student_taps:
         raise ContractError("student_up_to_stage needs the STAGES role in student_taps")
     method_modules = set(map(id, method.modules()))

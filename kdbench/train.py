@@ -170,6 +170,12 @@ def parameters_feeding(model: nn.Module, taps: FeatureTaps, stage: int, sample: 
     return [p for p, g in zip(candidates, grads) if g is not None]
 
 
+def stage_overrides(stage: PretrainStage) -> dict[str, float]:
+    """The recipe fields a pre-training stage sets for its own optimiser (weight decay, lr)."""
+    overrides = {"weight_decay": stage.weight_decay, "lr": stage.lr}
+    return {key: value for key, value in overrides.items() if value is not None}
+
+
 def build_optimizer(parameters: list[nn.Parameter], recipe: settings.Recipe) -> torch.optim.SGD:
     # Weight decay on every parameter, BN included, as RepDistiller/mdistiller and the MHGD
     # reference do.
@@ -335,8 +341,7 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
                                   if run_student else [])
             trainable = student_parameters + iter_parameters(pretrain.modules)
             lr_schedule = pretrain.lr_schedule
-        stage_recipe = (recipe if is_main or pretrain.weight_decay is None
-                        else recipe.with_overrides({"weight_decay": pretrain.weight_decay}))
+        stage_recipe = recipe if is_main else recipe.with_overrides(stage_overrides(pretrain))
         optimizer = build_optimizer(trainable, stage_recipe)
         scheduler = build_scheduler(optimizer, recipe, epochs, lr_schedule)
         first_epoch = 0

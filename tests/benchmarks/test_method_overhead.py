@@ -29,7 +29,7 @@ from kdbench.errors import UserError
 from kdbench.method import Batch, Features, Method, PretrainStage, Progress, iter_parameters
 from kdbench.models import build_model
 from kdbench.taps import FeatureTaps, as_float32
-from kdbench.train import build_optimizer, parameters_feeding, shapes_of
+from kdbench.train import build_optimizer, parameters_feeding, shapes_of, stage_overrides
 
 TEACHER, STUDENT = "wrn_40_2", "wrn_16_2"
 NUM_CLASSES, CHANNELS, IMAGE_SIZE = 100, 3, 32
@@ -162,9 +162,9 @@ def test_method_step_overhead(name: str, benchmark, interleave, report) -> None:
     for stage in stages:
         stage_parameters = (parameters_feeding(student, student_taps, stage.student_up_to_stage, sample)
                             if stage.student_up_to_stage is not None else [])
-        # A stage may set its own weight decay (MHGD's stage 1), as train.py honours it.
-        weight_decay = getattr(stage, "weight_decay", None)
-        stage_recipe = RECIPE if weight_decay is None else RECIPE.with_overrides({"weight_decay": weight_decay})
+        # A stage may set its own weight decay (MHGD's stage 1) and learning rate, as train.py
+        # honours them.
+        stage_recipe = RECIPE.with_overrides(stage_overrides(stage))
         stage_optimizer = build_optimizer(stage_parameters + iter_parameters(stage.modules), stage_recipe)
         run_stage = pretrain_step(stage, student, teacher, student_taps, teacher_taps,
                                   stage_optimizer, batch)
