@@ -39,6 +39,18 @@ def pair_stages(num_student: int, num_teacher: int) -> list[tuple[int, int]]:
     return list(zip(mapped, range(short)))
 
 
+def pool_to_common_size(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Both (B, C, H, W) maps at the smaller of their spatial sizes: the larger is
+    adaptive-average-pooled down (RepDistiller's AT, NST, VID, FSP and FT losses), the other is
+    returned as it is. Used wherever a method compares maps of two resolutions."""
+    height, width = min(a.shape[2], b.shape[2]), min(a.shape[3], b.shape[3])
+    if a.shape[2:] != (height, width):
+        a = F.adaptive_avg_pool2d(a, (height, width))
+    if b.shape[2:] != (height, width):
+        b = F.adaptive_avg_pool2d(b, (height, width))
+    return a, b
+
+
 def attention_map(feature: Tensor, p: float) -> Tensor:
     """a(f) = normalize(mean_c f^p) as a (B, H·W) matrix, rows of unit L2 norm.
 
@@ -58,11 +70,7 @@ def at_loss(student: list[Tensor], teacher: list[Tensor], p: float = 2.0) -> Ten
         raise ValueError(f"need equally many (>0) feature maps, got {len(student)} and {len(teacher)}")
     total = None
     for s, t in zip(student, teacher):
-        height, width = min(s.shape[2], t.shape[2]), min(s.shape[3], t.shape[3])
-        if s.shape[2:] != (height, width):
-            s = F.adaptive_avg_pool2d(s.float(), (height, width))
-        if t.shape[2:] != (height, width):
-            t = F.adaptive_avg_pool2d(t.float(), (height, width))
+        s, t = pool_to_common_size(s.float(), t.float())
         term = (attention_map(s, p) - attention_map(t, p).detach()).pow(2).mean()
         total = term if total is None else total + term
     return total
