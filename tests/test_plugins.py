@@ -134,7 +134,8 @@ def test_list_shows_plugins_and_the_broken_one_with_its_error(listing: subproces
     assert "throwaway" in out and "Throwaway et al. A plugin made by the test suite. 2024" in out
     assert "[throwaway-kd: throwaway_kd:Throwaway]" in out
     assert 'row "Throwaway" · fidelity: reading of the paper · a plugin the test suite writes' in out
-    assert "mykd" in out and "Tung & Mori. Similarity-Preserving Knowledge Distillation" in out
+    assert "mykd" in out and "Ba & Caruana. Do Deep Nets Really Need to be Deep? NeurIPS 2014" in out
+    assert 'row "Logit regression" · fidelity: paper' in out
     broken = next(line for line in out.splitlines() if line.strip().startswith("broken "))
     assert "BROKEN:" in broken and "this plugin is deliberately broken" in broken
     assert "kd " in out and "vanilla" in out  # the built-ins are still there
