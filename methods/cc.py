@@ -35,7 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdbench.method import EMBEDDING, Batch, FeatureShapes, Features, Method, MethodConfig, Progress
+from kdbench.method import (
+    EMBEDDING,
+    FIDELITY_READING,
+    Batch,
+    FeatureShapes,
+    Features,
+    Method,
+    MethodConfig,
+    Progress,
+)
 
 FORMS = ("gaussian", "repdistiller")
 
@@ -96,7 +105,7 @@ class CC(Method):
     display_name = "CC"
     paper = ("Peng, Jin, Liu, Li, Wu, Liu, Zhou & Zhang. Correlation Congruence for Knowledge "
              "Distillation. ICCV 2019")
-    fidelity = "reading of the paper"
+    fidelity = FIDELITY_READING
     fidelity_note = ("Correlation term of the paper: P = 2 Taylor RBF kernel (γ = 0.4) on unit "
                      "embeddings, ‖Δψ‖²/B²; no sourced CIFAR-100 weight: 2000 is kdbench's "
                      "gradient-matched choice. form=repdistiller: RepDistiller's loss.")

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from kdbench.method import (
+    FIDELITY_PAPER,
     STAGES,
     Batch,
     FeatureShapes,
@@ -88,7 +89,7 @@ class FSP(Method):
     display_name = "FSP"
     paper = ("Yim, Joo, Bae & Kim. A Gift from Knowledge Distillation: Fast Optimization, Network "
              "Minimization and Transfer Learning. CVPR 2017")
-    fidelity = "paper"
+    fidelity = FIDELITY_PAPER
     fidelity_note = ("Two stages as the paper: FSP matrices of consecutive stage outputs matched "
                      "(30 init epochs, RepDistiller), then CE only; no stem → stage-1 pair (no "
                      "stem role); 1×1 adapters only where widths differ (kdbench's extension).")

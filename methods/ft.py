@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench.method import (
+    FIDELITY_AUTHORS_CODE,
     STAGES,
     Batch,
     FeatureShapes,
@@ -135,7 +136,7 @@ class FT(Method):
     display_name = "FT"
     paper = ("Kim, Park & Kwak. Paraphrasing Complex Network: Network Compression via Factor "
              "Transfer. NeurIPS 2018")
-    fidelity = "authors' code"
+    fidelity = FIDELITY_AUTHORS_CODE
     fidelity_note = ("The authors' code: paraphraser (k = 0.5, no BN) pre-trained 6 epochs with L1 "
                      "reconstruction on the teacher's last stage, translator, L1 between unit "
                      "factors, β = 500. RepDistiller's variant through factor/reconstruction/"

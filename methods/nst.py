@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.method import STAGES, Batch, Features, Method, MethodConfig, Progress
+from kdbench.method import FIDELITY_PAPER, STAGES, Batch, Features, Method, MethodConfig, Progress
 from methods.at import pair_stages, pool_to_common_size
 
 
@@ -89,7 +89,7 @@ class NST(Method):
     display_name = "NST"
     paper = ("Huang & Wang. Like What You Like: Knowledge Distill via Neuron Selectivity "
              "Transfer. arXiv:1707.01219, 2017")
-    fidelity = "paper"
+    fidelity = FIDELITY_PAPER
     fidelity_note = ("MMD² of L2-normalised channel maps with the polynomial kernel d = 2, c = 0 "
                      "(the paper's NST-poly), on every stage output as RepDistiller and "
                      "mdistiller; weight 50 from both.")

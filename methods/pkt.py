@@ -27,7 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.method import EMBEDDING, Batch, Features, Method, MethodConfig, Progress
+from kdbench.method import (
+    EMBEDDING,
+    FIDELITY_PAPER,
+    Batch,
+    Features,
+    Method,
+    MethodConfig,
+    Progress,
+)
 
 EPSILON = 1e-7  # the authors' eps: inside the logarithm of the KL
 
@@ -67,7 +75,7 @@ class PKT(Method):
     display_name = "PKT"
     paper = ("Passalis & Tefas. Learning Deep Representations with Probabilistic Knowledge "
              "Transfer. ECCV 2018")
-    fidelity = "paper"
+    fidelity = FIDELITY_PAPER
     fidelity_note = ("Cosine-kernel conditional probabilities over j ≠ i and their KL, as the "
                      "paper; the authors' code includes j = i (include_self=true). Authors' B² "
                      "normalisation and ε; weight 30000 from RepDistiller (the paper has none).")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.method import STAGES, Batch, Features, Method, MethodConfig, Progress
+from kdbench.method import FIDELITY_PAPER, STAGES, Batch, Features, Method, MethodConfig, Progress
 from methods.at import pair_stages
 
 STAGE_CHOICES = ("last", "all")
@@ -61,7 +61,7 @@ class SP(Method):
     name = "sp"
     display_name = "SP"
     paper = "Tung & Mori. Similarity-Preserving Knowledge Distillation. ICCV 2019"
-    fidelity = "paper"
+    fidelity = FIDELITY_PAPER
     fidelity_note = ("The paper's L_SP (row-normalised batch Gram matrices, squared Frobenius "
                      "distance / B²) on the last stage output, as RepDistiller (author-verified) "
                      "and mdistiller; γ = 3000 from RepDistiller's CIFAR-100 command.")

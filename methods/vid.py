@@ -28,7 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdbench.method import STAGES, Batch, FeatureShapes, Features, Method, MethodConfig, Progress
+from kdbench.method import (
+    FIDELITY_AUTHORS_CODE,
+    STAGES,
+    Batch,
+    FeatureShapes,
+    Features,
+    Method,
+    MethodConfig,
+    Progress,
+)
 from methods.at import pair_stages, pool_to_common_size
 
 
@@ -98,7 +107,7 @@ class VID(Method):
     display_name = "VID"
     paper = ("Ahn, Hu, Damianou, Lawrence & Dai. Variational Information Distillation for "
              "Knowledge Transfer. CVPR 2019")
-    fidelity = "authors' code"
+    fidelity = FIDELITY_AUTHORS_CODE
     fidelity_note = ("Gaussian q(t|s), 1×1-conv mean network and softplus per-channel variance, "
                      "on every stage output, as the authors' code in RepDistiller/mdistiller "
                      "(init variance 5, ε 1e-5, element mean, weight 1).")

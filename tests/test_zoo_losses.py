@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from kdbench import registry
 from kdbench.cli import main
-from kdbench.method import Batch, FeatureShapes, Features, Progress
+from kdbench.method import FIDELITIES, Batch, FeatureShapes, Features, Progress
 from kdbench.testing import check_method_class
 from kdbench.train import stage_overrides
 from methods.cc import CC, CCConfig, correlation_congruence, repdistiller_correlation, taylor_rbf_kernel
@@ -57,7 +57,7 @@ def test_every_zoo_method_declares_its_row_title_and_fidelity() -> None:
     for name, title in titles.items():
         method_class = registry.get(name)
         assert method_class.display_name == title
-        assert method_class.fidelity in ("paper", "authors' code", "reading of the paper")
+        assert method_class.fidelity in FIDELITIES
         assert method_class.fidelity_note.strip()
 
 
