@@ -450,3 +450,23 @@ def test_two_epoch_synthetic_run_of_the_zoo(results_with_teacher, capsys) -> Non
     for name, term in (("sp", "sp"), ("cc", "cc"), ("vid", "vid"), ("pkt", "pkt"), ("nst", "nst"), ("ft", "ft")):
         assert term in records[name]["history"][-1]["terms"]
     assert set(records["fsp"]["history"][-1]["terms"]) == {"ce"}
+
+
+def test_a_stage_learning_rate_reaches_the_stage_optimiser(results_with_teacher) -> None:
+    # FT's paraphraser at RepDistiller's 0.01 while the setting's rate is 0.05: train.py builds
+    # the stage's optimiser with the stage's lr (PretrainStage.lr), the main stage with the setting's.
+    from kdbench.settings import get as get_setting
+    from kdbench.spec import RunSpec
+    from kdbench.worker import run_job
+
+    spec = RunSpec("synthetic/tiny", "ft", 0, config={"paraphraser_lr": 0.01}, overrides={"epochs": 1})
+    outcome = run_job(spec.to_json(), str(results_with_teacher))
+    assert outcome["status"] == "done", outcome
+    record = json.loads((results_with_teacher / "runs" / f"{spec.id}.json").read_text())
+    stage, main_stage = record["history"][0], record["history"][-1]
+    assert stage["stage"] == "paraphraser" and stage["lr_next"] == pytest.approx(0.01)
+    recipe = get_setting("synthetic/tiny").recipe.with_overrides({"epochs": 1})
+    decays = sum(milestone <= 1 for milestone in recipe.milestones())
+    assert main_stage["stage"] == "main"
+    assert main_stage["lr_next"] == pytest.approx(recipe.lr * recipe.lr_decay**decays)
+    assert recipe.lr != pytest.approx(0.01)
