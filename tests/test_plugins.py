@@ -165,8 +165,8 @@ def test_run_trains_plugins_while_a_broken_plugin_is_installed(run) -> None:
 def test_run_prints_the_table_with_the_plugin_rows(run) -> None:
     result, _ = run
     table = result.stdout[result.stdout.index("| Method"):]
-    # Rows are titled by the methods' display names (the example's is "SP").
-    for row in ("| Teacher", "| Student", "| Throwaway", "| SP"):
+    # Rows are titled by the methods' display names (the example's is "Logit regression").
+    for row in ("| Teacher", "| Student", "| Throwaway", "| Logit regression"):
         assert row in table
 
 
