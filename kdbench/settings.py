@@ -73,6 +73,12 @@ class Setting:
 # The common CIFAR recipe of RepDistiller/mdistiller (specs/methods.md): SGD momentum 0.9,
 # lr 0.05, batch 64, 240 epochs, ×0.1 at 150/180/210, wd 5e-4, crop 4 + flip; teachers too.
 COMMON_CIFAR = Recipe(epochs=240, batch_size=64, lr=0.05)
+# The same recipe at lr 0.01, which RepDistiller uses for MobileNetV2, ShuffleV1 and ShuffleV2
+# whether they train alone or as students: train_teacher.py (`opt.model`) and train_student.py
+# (`opt.model_s`) both set `opt.learning_rate = 0.01` when the network is one of
+# ['MobileNetV2', 'ShuffleV1', 'ShuffleV2']. Their teachers (and a vgg8 student) keep 0.05.
+COMMON_CIFAR_LIGHT_STUDENT = Recipe(epochs=240, batch_size=64, lr=0.01)
+LIGHT_STUDENTS = ("mobilenetv2", "shufflenet_v1", "shufflenet_v2")
 
 # The MHGD authors' recipe (specs/mhgd.md §4): batch 128, lr 0.1 Nesterov, 100 student epochs,
 # ×0.1 at 30/60/80 %, reflect-padded crops.
@@ -103,6 +109,17 @@ def _cifar100(teacher: str, student: str) -> Setting:
                    "CIFAR-100, common recipe: the RepDistiller/mdistiller table column")
 
 
+def _cifar100_cross_family(teacher: str, student: str) -> Setting:
+    """A column of RepDistiller's second table (teacher and student of different families)."""
+    light = student in LIGHT_STUDENTS
+    return Setting(f"cifar100/{teacher}-{student}", "cifar100", teacher, student,
+                   COMMON_CIFAR_LIGHT_STUDENT if light else COMMON_CIFAR, COMMON_CIFAR,
+                   "CIFAR-100, common recipe" + (" (student lr 0.01)" if light else "")
+                   + ": the RepDistiller cross-family table column",
+                   recipe_source="common recipe (RepDistiller)"
+                   + (", student lr 0.01 as its train_student.py" if light else ""))
+
+
 SETTINGS: dict[str, Setting] = {
     setting.name: setting
     for setting in [
@@ -111,9 +128,17 @@ SETTINGS: dict[str, Setting] = {
         _cifar100("wrn_40_2", "wrn_16_2"),
         _cifar100("wrn_40_2", "wrn_40_1"),
         _cifar100("resnet56", "resnet20"),
+        _cifar100("resnet110", "resnet20"),
         _cifar100("resnet110", "resnet32"),
         _cifar100("resnet32x4", "resnet8x4"),
         _cifar100("vgg13", "vgg8"),
+        # RepDistiller's second table: teacher and student of different families.
+        _cifar100_cross_family("vgg13", "mobilenetv2"),
+        _cifar100_cross_family("resnet50", "mobilenetv2"),
+        _cifar100_cross_family("resnet50", "vgg8"),
+        _cifar100_cross_family("resnet32x4", "shufflenet_v1"),
+        _cifar100_cross_family("resnet32x4", "shufflenet_v2"),
+        _cifar100_cross_family("wrn_40_2", "shufflenet_v1"),
         # MHGD paper Table 1's WResNet pair, in the authors' recipe (specs/mhgd.md §4).
         Setting("cifar100/wrn_22_4-wrn_10_4", "cifar100", "wrn_22_4", "wrn_10_4",
                 MHGD_AUTHORS, MHGD_AUTHORS,
