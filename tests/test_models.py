@@ -23,7 +23,11 @@ from kdbench.models import (
     build_model,
     is_architecture,
 )
+from kdbench.method import POSTACT_STAGES, PREACT_STAGES, ROLES, STAGES
 from kdbench.models.vgg import CONFIGS as VGG_CONFIGS
+from kdbench.roles import feature_points
+from kdbench.taps import FeatureTaps
+from kdbench.train import shapes_of
 
 # One architecture of every family: FAMILY_EXAMPLES, and the family too slow for the method
 # contract (resnet50), which the model tests still cover.
@@ -658,23 +662,61 @@ def with_random_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+# RepDistiller's get_bn_before_relu, as our module names: the BN whose statistics OFD reads
+# for each pre-activation stage (None: RepDistiller's raises NotImplementedError for ShuffleNets).
+REPDISTILLER_BN_BEFORE_RELU = {
+    # blocks[1][-1].conv[-1], blocks[2][-1].conv[-1], blocks[4][-1].conv[-1], blocks[6][-1].conv[-1]
+    "mobilenetv2": ["blocks.1.1.conv.7", "blocks.2.2.conv.7", "blocks.4.2.conv.7", "blocks.6.0.conv.7"],
+    "shufflenet_v1": [None, None, None],
+    "shufflenet_v2": [None, None, None],
+    # layer{k}[-1].bn3 for Bottleneck blocks
+    "resnet50": ["layer1.2.bn3", "layer2.3.bn3", "layer3.5.bn3", "layer4.2.bn3"],
+}
+
+
 @pytest.mark.parametrize("name", list(REPDISTILLER_FORWARDS))
-def test_forward_and_gradients_are_repdistillers(name: str) -> None:
-    """Logits, stage outputs (through our taps) and every parameter's gradient equal those of
-    RepDistiller's forward on the same weights (eval mode: its BN statistics, not the batch's)."""
+def test_forward_gradients_and_roles_are_repdistillers(name: str) -> None:
+    """Logits, every parameter's gradient and every feature role (through our taps) equal those
+    of RepDistiller's forward on the same weights (eval mode: its BN statistics, not the
+    batch's): stages its f1..fk, preact_stages its preact=True f1..fk, postact_stages the
+    stages (no stage output of these four is followed by an activation it does not already
+    include), embedding its pooled vector; and the pre-activations' BNs are its
+    get_bn_before_relu."""
     torch.manual_seed(0)
     model = with_random_batch_norms(build_model(name, num_classes=10)).eval()
     x = torch.randn(1, 3, 32, 32)  # one image is enough in eval mode
-    features, _, pooled, logits = REPDISTILLER_FORWARDS[name](model, x)
+    features, preacts, pooled, logits = REPDISTILLER_FORWARDS[name](model, x)
     weights = torch.randn_like(logits)
     reference_grads = torch.autograd.grad((logits * weights).sum(), list(model.parameters()))
-    ours = model(x)
+    taps = FeatureTaps(model, ROLES)
+    try:
+        ours = model(x)
+        tapped = taps.pop(ours)
+    finally:
+        taps.remove()
     torch.testing.assert_close(ours, logits)
     grads = torch.autograd.grad((ours * weights).sum(), list(model.parameters()))
-    for got, expected in zip(grads, reference_grads):
+    for got, expected in zip(grads, reference_grads, strict=True):
         torch.testing.assert_close(got, expected)
-    for tapped, expected in zip(tap(model, model.stage_names, x), features, strict=True):
-        torch.testing.assert_close(tapped, expected)
+    expected_roles = {STAGES: features, PREACT_STAGES: preacts, POSTACT_STAGES: features}
+    got_roles = {STAGES: tapped.stages, PREACT_STAGES: tapped.preact_stages,
+                 POSTACT_STAGES: tapped.postact_stages}
+    for role, expected in expected_roles.items():
+        for got, want in zip(got_roles[role], expected, strict=True):
+            torch.testing.assert_close(got, want, msg=lambda m: f"{name} {role}: {m}")
+    torch.testing.assert_close(tapped.embedding, pooled)
+    # The roles differ where the definitions do: a pre-activation has negative entries.
+    assert all(p.amin() < 0 for p in tapped.preact_stages)
+    if name != "mobilenetv2":  # its stages are linear bottlenecks: all three roles coincide
+        assert all(s.amin() >= 0 for s in tapped.stages)
+    norms = [point.norm for point in feature_points(model)[PREACT_STAGES]]
+    assert norms == REPDISTILLER_BN_BEFORE_RELU[name]
+    expected_norms = tuple(
+        None if norm is None else (tuple(model.get_submodule(norm).weight.tolist()),
+                                   tuple(model.get_submodule(norm).bias.tolist()))
+        for norm in norms
+    )
+    assert shapes_of(tapped, model).preact_norms == expected_norms
 
 
 def test_initialisation_of_the_cross_family_networks_follows_repdistiller() -> None:

@@ -174,7 +174,10 @@ def test_every_known_architecture_maps_every_role() -> None:
         count = len(model.stage_names)
         assert [len(points[role]) for role in (STAGES, PREACT_STAGES, POSTACT_STAGES)] == [count] * 3
         assert len(points[EMBEDDING]) == 1
-        assert all(point.norm is not None for point in points[PREACT_STAGES]), name
+        # Every pre-activation names its BN, except on the ShuffleNets, where RepDistiller names
+        # none (their get_bn_before_relu raises; tests/test_models.py checks their maps).
+        named = [point.norm is not None for point in points[PREACT_STAGES]]
+        assert named == [not name.startswith("shufflenet")] * count, name
 
 
 @pytest.mark.parametrize("name", FAMILY_EXAMPLES.values())

@@ -14,12 +14,18 @@ its departures from the paper, because they are what its published numbers measu
 - the t = 1 group keeps its 1×1 expansion conv (16 → 16 channels at this width), which
   torchvision's MobileNetV2 omits.
 
-Stages (`stage_names`): the outputs of groups 1, 2, 4 and 6 (`blocks.1`, `blocks.2`, `blocks.4`,
-`blocks.6`), RepDistiller's features f1..f4 (its f0 is the stem, its f5 the pooled vector).
-They are linear bottlenecks (the block ends with a BN and, where the shape allows, the residual
-sum; no ReLU follows), so RepDistiller's `preact=True` returns the same tensors, and its
-`get_bn_before_relu` names the last BN of those four groups' last blocks (`conv.7`). The
-pooled embedding (the input of `classifier.0`) is the average of relu(bn(conv2(f4))).
+Feature roles (`feature_points`, kdbench/method.py), for groups 1, 2, 4 and 6 (`blocks.1`,
+`blocks.2`, `blocks.4`, `blocks.6`), whose last block ends with the BN `conv.7` and, where the
+stride is 1 and the width unchanged, the residual sum:
+- `stages`: the groups' outputs, RepDistiller's features f1..f4 (its f0 is the stem, its f5
+  the pooled vector).
+- `preact_stages`: the same tensors. They are linear bottlenecks (Sandler et al. 2018, Sec.
+  3.2): no activation follows them, and RepDistiller's forward ignores `preact=True`. The BN
+  before the ReLU is that last block's `conv.7`, which RepDistiller's `get_bn_before_relu`
+  names.
+- `postact_stages`: the same tensors again: no activation is ever applied to a stage output
+  (the next block's 1×1 expansion conv reads it as it is), so none is invented here.
+- `embedding`: the input of `classifier.0`, the average of relu(bn(conv2(f4))), not of f4.
 
 Parametrised modules carry RepDistiller's names (`conv1.0`, `blocks.3.2.conv.4`,
 `classifier.0`, …), so its checkpoints load with `load_state_dict`. No operation is in-place
@@ -30,6 +36,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from kdbench.method import EMBEDDING, POSTACT_STAGES, PREACT_STAGES, STAGES
+from kdbench.roles import TapPoint
 
 # (expansion t, output channels c, blocks n, first stride s) of each group before the width
 # multiplier: Sandler et al. 2018, Table 2, with RepDistiller's s = 1 for the second group.
@@ -120,6 +129,17 @@ class MobileNetV2(nn.Module):
         # A Sequential around the Linear, as RepDistiller (its `classifier.0.weight`).
         self.classifier = nn.Sequential(nn.Linear(last, num_classes))
         self._init_weights()
+
+    def feature_points(self) -> dict[str, tuple[TapPoint, ...]]:
+        """Where each role's tensors are (module docstring)."""
+        stages = tuple(TapPoint(name) for name in self.stage_names)
+        last_bns = [f"{name}.{len(self.get_submodule(name)) - 1}.conv.7" for name in self.stage_names]
+        return {
+            STAGES: stages,
+            PREACT_STAGES: tuple(TapPoint(name, norm=bn) for name, bn in zip(self.stage_names, last_bns)),
+            POSTACT_STAGES: stages,
+            EMBEDDING: (TapPoint(self.classifier_name, "input"),),
+        }
 
     def _init_weights(self) -> None:
         # RepDistiller models/mobilenetv2.py: conv weights N(0, 2 / (k·k·out_channels)), i.e.

@@ -9,11 +9,15 @@ stride-2 conv and 3×3 max pool) by a 3×3 stride-1 conv with 64 channels, so th
 32, 16, 8 and 4 px. This is not a member of the basic-block CIFAR family of resnet_cifar.py
 (resnet20, resnet56, …): it is the only network in the zoo named `resnet50`.
 
-Stages (`stage_names`): each stage's output (`layer1`..`layer4`), after the ReLU that follows
-the residual sum: RepDistiller's features f1..f4 (f0 is the stem, f5 the pooled vector). The
-pre-activations (its `preact=True`: the residual sum) are the input of the stage's last block's
-`relu3`; its `get_bn_before_relu` names that block's `bn3`. The pooled embedding (the input of
-`linear`) is the global average of the stage-4 output.
+Feature roles (`feature_points`, kdbench/method.py), for stage k's last block
+`layer{k}.<last>`, whose output is relu3(bn3(conv3(·)) + shortcut):
+- `stages`: the stage's output, after that ReLU (the output of `layer{k}`): RepDistiller's
+  features f1..f4 (f0 is the stem, f5 the pooled vector).
+- `preact_stages`: the residual sum before it, the input of `layer{k}.<last>.relu3`:
+  RepDistiller's `preact=True` features. The BN before the ReLU is that block's `bn3`
+  (RepDistiller's `get_bn_before_relu` for bottleneck blocks).
+- `postact_stages`: the same tensors as `stages` (a post-activation network).
+- `embedding`: the input of `linear`, the global average of the stage-4 output.
 
 Parametrised modules carry RepDistiller's names (`conv1`, `layer2.0.shortcut.0`, `linear`, …), so
 its checkpoints (RepDistiller publishes a ResNet50 teacher) load with `load_state_dict`. No
@@ -24,6 +28,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from kdbench.method import EMBEDDING, POSTACT_STAGES, PREACT_STAGES, STAGES
+from kdbench.roles import TapPoint
 
 EXPANSION = 4  # the last 1×1 conv of a bottleneck is 4× wider (He et al. 2016, Table 1)
 STEM_CHANNELS = 64
@@ -85,6 +92,18 @@ class BottleneckResNet(nn.Module):
         self.flatten = nn.Flatten()
         self.linear = nn.Linear(widths[4], num_classes)
         self._init_weights()
+
+    def feature_points(self) -> dict[str, tuple[TapPoint, ...]]:
+        """Where each role's tensors are (module docstring)."""
+        stages = tuple(TapPoint(name) for name in self.stage_names)
+        last_blocks = [f"{name}.{len(self.get_submodule(name)) - 1}" for name in self.stage_names]
+        return {
+            STAGES: stages,
+            PREACT_STAGES: tuple(TapPoint(f"{block}.relu3", "input", norm=f"{block}.bn3")
+                                 for block in last_blocks),
+            POSTACT_STAGES: stages,
+            EMBEDDING: (TapPoint(self.classifier_name, "input"),),
+        }
 
     @staticmethod
     def _make_stage(in_planes: int, planes: int, num_blocks: int, stride: int) -> nn.Sequential:

@@ -13,12 +13,16 @@ departures from the paper:
   as RepDistiller has it;
 - no explicit initialisation: PyTorch's defaults, as RepDistiller.
 
-Stages (`stage_names`): each stage's output (`layer1`..`layer3`), after the ReLU that follows
-the residual sum — RepDistiller's features f1..f3 (f0 is the stem, f4 the pooled vector). The
-pre-activations (RepDistiller's `preact=True`: the sum before that ReLU) are the input of the
-stage's last unit's `relu`. RepDistiller's `get_bn_before_relu` names no BN for ShuffleNets
-(it raises), and neither do we. The pooled embedding (the input of `linear`) is the global
-average of the stage-3 output.
+Feature roles (`feature_points`, kdbench/method.py), for stage k's last unit `layer{k}.<last>`
+(stride 1: its output is relu(bn3(conv3(·)) + input)):
+- `stages`: the stage's output, after that ReLU (the output of `layer{k}`): RepDistiller's
+  features f1..f3 (f0 is the stem, f4 the pooled vector).
+- `preact_stages`: the sum before it, the input of `layer{k}.<last>.relu`: RepDistiller's
+  `preact=True` features. No BN is named as the one before the ReLU: RepDistiller's (and
+  mdistiller's) `get_bn_before_relu` raises for ShuffleNets ("not supported for Overhaul
+  teacher"), and we follow it.
+- `postact_stages`: the same tensors as `stages` (a post-activation network).
+- `embedding`: the input of `linear`, the global average of the stage-3 output.
 
 Parametrised modules carry RepDistiller's names (`conv1`, `layer2.0.conv3`, `linear`, …), so its
 checkpoints load with `load_state_dict`. No operation is in-place. The channel shuffle is
@@ -30,6 +34,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from kdbench.method import EMBEDDING, POSTACT_STAGES, PREACT_STAGES, STAGES
+from kdbench.roles import TapPoint
 
 # Zhang et al. 2018, Table 1, g = 3 (RepDistiller's `ShuffleV1` cfg).
 GROUPS = 3
@@ -99,6 +106,17 @@ class ShuffleNetV1(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.linear = nn.Linear(STAGE_CHANNELS[-1], num_classes)
+
+    def feature_points(self) -> dict[str, tuple[TapPoint, ...]]:
+        """Where each role's tensors are (module docstring)."""
+        stages = tuple(TapPoint(name) for name in self.stage_names)
+        last_units = [f"{name}.{len(self.get_submodule(name)) - 1}" for name in self.stage_names]
+        return {
+            STAGES: stages,
+            PREACT_STAGES: tuple(TapPoint(f"{unit}.relu", "input") for unit in last_units),
+            POSTACT_STAGES: stages,
+            EMBEDDING: (TapPoint(self.classifier_name, "input"),),
+        }
 
     @staticmethod
     def _make_stage(in_channels: int, out_channels: int, units: int) -> nn.Sequential:

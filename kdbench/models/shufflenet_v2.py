@@ -11,16 +11,20 @@ CIFAR-100 numbers our tables compare against, with its departures from the paper
   paper: a 3×3 stride-2 conv and a 3×3 max pool), so the stages run at 16, 8 and 4 px;
 - no explicit initialisation: PyTorch's defaults, as RepDistiller.
 
-Stages (`stage_names`): each stage's output (`layer1`..`layer3`, the last unit's shuffled
-concatenation), RepDistiller's features f1..f3. Its `preact=True` features are the last unit's
-concatenation *before* the branch's final ReLU and *before* the shuffle, [kept half, branch
-pre-ReLU]: the input of that unit's `relu` here. That module applies the ReLU to the whole
-concatenation, where RepDistiller applies it to the branch only; the two are equal because the
-kept half is non-negative (it is a slice of a previous unit's output, and every unit ends in
-ReLUs and a permutation), and so are the gradients (a zero of the kept half came out of an
-earlier ReLU, which already stops its gradient). RepDistiller's `get_bn_before_relu` names no BN
-for ShuffleNets (it raises), and the pre-activation is half BN output, half not: we name none.
-The pooled embedding (the input of `linear`) is the average of relu(bn2(conv2(stage 3))).
+Feature roles (`feature_points`, kdbench/method.py), for stage k's last unit `layer{k}.<last>`:
+- `stages`: the stage's output (the output of `layer{k}`, that unit's shuffled concatenation),
+  RepDistiller's features f1..f3.
+- `preact_stages`: RepDistiller's `preact=True` features, the last unit's concatenation
+  [kept half, branch before its final ReLU], *before* the shuffle (so in another channel order
+  than `stages`): the input of `layer{k}.<last>.relu`. That module applies the ReLU to the
+  whole concatenation, where RepDistiller applies it to the branch only; the two are equal
+  because the kept half is non-negative (a slice of a previous unit's output, and every unit
+  ends in ReLUs and a permutation), and so are the gradients (a zero of the kept half came out
+  of an earlier ReLU, which already stops its gradient). No BN is named as the one before the
+  ReLU: RepDistiller's `get_bn_before_relu` raises for ShuffleNets, and half of this tensor is
+  no BN's output.
+- `postact_stages`: the same tensors as `stages` (the stage output is post-activation).
+- `embedding`: the input of `linear`, the average of relu(bn2(conv2(stage 3))).
 
 Parametrised modules carry RepDistiller's names (`conv1`, `layer1.0.conv5`, `layer3.3.bn3`,
 `conv2`, `linear`, …), so its checkpoints load with `load_state_dict`. No operation is in-place.
@@ -32,6 +36,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from kdbench.method import EMBEDDING, POSTACT_STAGES, PREACT_STAGES, STAGES
+from kdbench.roles import TapPoint
 
 # Ma et al. 2018, Table 5, 1× (RepDistiller's configs[1]): stage channels, the final 1×1 conv's
 # width, and the basic units after each stage's down-sampling unit.
@@ -121,6 +128,17 @@ class ShuffleNetV2(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.linear = nn.Linear(LAST_CHANNELS, num_classes)
+
+    def feature_points(self) -> dict[str, tuple[TapPoint, ...]]:
+        """Where each role's tensors are (module docstring)."""
+        stages = tuple(TapPoint(name) for name in self.stage_names)
+        last_units = [f"{name}.{len(self.get_submodule(name)) - 1}" for name in self.stage_names]
+        return {
+            STAGES: stages,
+            PREACT_STAGES: tuple(TapPoint(f"{unit}.relu", "input") for unit in last_units),
+            POSTACT_STAGES: stages,
+            EMBEDDING: (TapPoint(self.classifier_name, "input"),),
+        }
 
     @staticmethod
     def _make_stage(in_channels: int, out_channels: int, basic_units: int) -> nn.Sequential:
