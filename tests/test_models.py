@@ -455,7 +455,7 @@ def repdistiller_shufflev1(classes: int) -> RebuiltStateDict:
 
 
 def repdistiller_shufflev2(classes: int) -> RebuiltStateDict:
-    """ShuffleV2 = ShuffleNetV2(net_size=1): out_channels (116, 232, 464, 1024), blocks (3, 7, 3)."""
+    """ShuffleV2 = ShuffleNetV2(net_size=1): channels (116, 232, 464, 1024), blocks (3, 7, 3)."""
     net = RebuiltStateDict()
     net.conv("conv1", 3, 24, 1, 32)
     net.bn("bn1", 24)
@@ -666,7 +666,8 @@ def with_random_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 # for each pre-activation stage (None: RepDistiller's raises NotImplementedError for ShuffleNets).
 REPDISTILLER_BN_BEFORE_RELU = {
     # blocks[1][-1].conv[-1], blocks[2][-1].conv[-1], blocks[4][-1].conv[-1], blocks[6][-1].conv[-1]
-    "mobilenetv2": ["blocks.1.1.conv.7", "blocks.2.2.conv.7", "blocks.4.2.conv.7", "blocks.6.0.conv.7"],
+    "mobilenetv2": ["blocks.1.1.conv.7", "blocks.2.2.conv.7", "blocks.4.2.conv.7",
+                    "blocks.6.0.conv.7"],
     "shufflenet_v1": [None, None, None],
     "shufflenet_v2": [None, None, None],
     # layer{k}[-1].bn3 for Bottleneck blocks

@@ -56,7 +56,9 @@ WIDTH_MULTIPLIER = 0.5
 LAST_CHANNELS = 1280  # kept at 1280 for multipliers <= 1 (Sandler et al. 2018; RepDistiller)
 
 
-def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int) -> nn.Sequential:
+def conv_bn_relu(
+    in_channels: int, out_channels: int, kernel_size: int, stride: int
+) -> nn.Sequential:
     """conv-BN-ReLU, indexed 0/1/2 as RepDistiller's `conv_bn` and `conv_1x1_bn`."""
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
@@ -133,10 +135,13 @@ class MobileNetV2(nn.Module):
     def feature_points(self) -> dict[str, tuple[TapPoint, ...]]:
         """Where each role's tensors are (module docstring)."""
         stages = tuple(TapPoint(name) for name in self.stage_names)
-        last_bns = [f"{name}.{len(self.get_submodule(name)) - 1}.conv.7" for name in self.stage_names]
+        # The BN ending each group's last block (RepDistiller's get_bn_before_relu).
+        last_bns = [f"{name}.{len(self.get_submodule(name)) - 1}.conv.7"
+                    for name in self.stage_names]
         return {
             STAGES: stages,
-            PREACT_STAGES: tuple(TapPoint(name, norm=bn) for name, bn in zip(self.stage_names, last_bns)),
+            PREACT_STAGES: tuple(TapPoint(name, norm=bn)
+                                 for name, bn in zip(self.stage_names, last_bns)),
             POSTACT_STAGES: stages,
             EMBEDDING: (TapPoint(self.classifier_name, "input"),),
         }

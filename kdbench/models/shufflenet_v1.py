@@ -5,8 +5,8 @@ Devices", CVPR 2018: units of 1×1 group conv, channel shuffle, 3×3 depthwise c
 a stage's first unit) and 1×1 group conv, added to the input, or concatenated with its 3×3
 average pool in a stage's first unit (Fig. 2); stages of 4, 8, 4 units with 240, 480, 960
 channels for g = 3 (Table 1); no group conv on the first pointwise layer of stage 2, whose
-input has only 24 channels (Sec. 3.3). We build RepDistiller's `models/ShuffleNetv1.py`, whose CIFAR-100 numbers our tables compare against, with its
-departures from the paper:
+input has only 24 channels (Sec. 3.3). We build RepDistiller's `models/ShuffleNetv1.py`, whose
+CIFAR-100 numbers our tables compare against, with its departures from the paper:
 - the stem is a 1×1 conv (24 channels) + BN + ReLU at full resolution, with no max pool (the
   paper: a 3×3 stride-2 conv and a 3×3 max pool), so the three stages run at 16, 8 and 4 px;
 - the ReLU after the depthwise conv's BN, which the paper leaves out (Fig. 2: BN only), is kept

@@ -70,7 +70,8 @@ class BasicUnit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kept, branch = x[:, : self.kept], x[:, self.kept :]
-        branch = self.bn3(self.conv3(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(branch)))))))
+        branch = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(branch)))))
+        branch = self.bn3(self.conv3(branch))
         return self.shuffle(self.relu(torch.cat([kept, branch], 1)))
 
 
