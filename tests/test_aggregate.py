@@ -365,13 +365,24 @@ def test_published_file_covers_the_spec_tables() -> None:
     for entry in settings.values():
         source = published["sources"][entry["source"]]
         assert source["citation"] and source["epoch"] == "last" and source["aggregate"]
-    # mdistiller's DKD row (README, best epoch), one per same-family column.
+    # mdistiller's DKD rows (README, best epoch), one per same-family column and per
+    # cross-family column that kdbench has (its "ResNet32x4 -> MobileNet-V2" one is left out).
     dkd = {setting: also["top1"]["dkd"] for setting, entry in settings.items()
            for also in entry.get("also", []) if also["source"] == "mdistiller"}
     assert dkd == {"cifar100/resnet56-resnet20": 71.97, "cifar100/resnet110-resnet32": 74.11,
                    "cifar100/resnet32x4-resnet8x4": 76.32, "cifar100/wrn_40_2-wrn_16_2": 76.23,
-                   "cifar100/wrn_40_2-wrn_40_1": 74.81, "cifar100/vgg13-vgg8": 74.68}
+                   "cifar100/wrn_40_2-wrn_40_1": 74.81, "cifar100/vgg13-vgg8": 74.68,
+                   "cifar100/resnet32x4-shufflenet_v1": 76.45,
+                   "cifar100/wrn_40_2-shufflenet_v1": 76.70, "cifar100/vgg13-mobilenetv2": 69.71,
+                   "cifar100/resnet50-mobilenetv2": 70.35}
     assert published["sources"]["mdistiller"]["epoch"] == "best"
+    # RepDistiller README's cross-family table and resnet110 -> resnet20 column (specs/zoo.md).
+    cross = settings["cifar100/resnet32x4-shufflenet_v1"]
+    assert cross["source"] == "repdistiller_cross_family"
+    assert cross["top1"]["teacher"] == 79.42 and cross["top1"]["crd"] == 75.11
+    assert settings["cifar100/resnet50-mobilenetv2"]["top1"]["nst"] == 64.96
+    assert settings["cifar100/resnet110-resnet20"]["top1"]["kd"] == 70.67
+    assert "fsp" not in settings["cifar100/wrn_40_2-wrn_40_1"]["top1"]  # N/A in the README
 
 
 def test_published_numbers_are_compared_only_at_their_own_epoch(results: Path) -> None:
@@ -384,6 +395,26 @@ def test_published_numbers_are_compared_only_at_their_own_epoch(results: Path) -
     assert math.isnan(last.cell(A, "dkd")["published"]) and last.cell(A, "kd")["published"] == 74.92
     assert best.cell(A, "dkd")["published"] == 76.23 and math.isnan(best.cell(A, "kd")["published"])
     assert set(best.published_sources) == {"mdistiller"} and set(last.published_sources) == {"repdistiller"}
+
+
+def test_published_numbers_name_real_settings_and_rows() -> None:
+    """Every published setting exists, and every row key is the teacher, the student or a
+    method name of the zoo (a misspelt key would silently never match a cell)."""
+    from kdbench import settings as kdbench_settings
+
+    zoo = {"kd", "fitnet", "at", "rkd", "mhgd", "sp", "cc", "vid", "pkt", "ab", "ft", "fsp", "nst",
+           "crd", "dkd"}
+    published = load_published()
+    for name, entry in published["settings"].items():
+        assert name in kdbench_settings.SETTINGS, name
+        for top1 in [entry["top1"]] + [also["top1"] for also in entry.get("also", [])]:
+            assert set(top1) <= {"teacher", "vanilla"} | zoo, name
+            assert all(0 < value < 100 for value in top1.values()), name
+    cross_family = [entry for entry in published["settings"].values()
+                    if entry["source"] == "repdistiller_cross_family"]
+    # 6 columns; 14 rows each: teacher, student and every method but FSP
+    assert len(cross_family) == 6
+    assert all(len(entry["top1"]) == 14 and "fsp" not in entry["top1"] for entry in cross_family)
 
 
 def test_aggregation_modules_import_no_torch() -> None:
