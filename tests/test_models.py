@@ -6,6 +6,7 @@ matter): the whole file runs in a few seconds on a 2-core CPU.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -750,3 +751,49 @@ def test_initialisation_of_the_cross_family_networks_follows_repdistiller() -> N
             if conv.weight.numel() >= 4096:
                 std = (3 * fan_in) ** -0.5
                 assert conv.weight.std().item() == pytest.approx(std, rel=0.1), name
+
+
+def roles_and_gradients(model: nn.Module, x: Tensor) -> list[Tensor]:
+    """Logits, every role's tensors and every parameter's gradient of one forward/backward."""
+    taps = FeatureTaps(model, ROLES)
+    try:
+        logits = model(x)
+        features = taps.pop(logits)
+    finally:
+        taps.remove()
+    model.zero_grad(set_to_none=True)
+    logits.square().sum().backward()
+    return [logits, features.embedding, *features.stages, *features.preact_stages,
+            *features.postact_stages, *(p.grad for p in model.parameters())]
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2", "shufflenet_v1", "shufflenet_v2"])
+def test_channels_last_gives_the_same_roles_and_gradients(name: str) -> None:
+    """train.py's channels_last conversion on the depthwise/grouped networks (not in the
+    contract's families, whose own check is in tests/test_fast_path.py): the channel shuffle
+    keeps the layout, and nothing changes but rounding. In training mode BN over 4 tiny images
+    amplifies fp32 rounding past any fixed tolerance in either layout (mobilenetv2's 1×1 maps:
+    contiguous fp32 gradients 22 % from fp64), so that mode is compared in fp64; running
+    statistics (eval mode) in fp32."""
+    torch.manual_seed(0)
+    model = with_random_batch_norms(build_model(name, num_classes=5))
+    converted = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    # 1×1 and depthwise weights are both layouts at once: check all of them, not one
+    assert all(p.is_contiguous(memory_format=torch.channels_last)
+               for p in converted.parameters() if p.dim() == 4)
+    x = torch.randn(4, 3, 16, 16)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    model.eval()
+    converted.eval()
+    expected, got = roles_and_gradients(model, x), roles_and_gradients(converted, x_last)
+    stage_count = len(model.stage_names)
+    assert any(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+               for t in got[2:2 + stage_count]), "no stage output is channels_last"
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()))
+    exact = copy.deepcopy(model).double().train()
+    exact_last = copy.deepcopy(exact).to(memory_format=torch.channels_last)
+    expected = roles_and_gradients(exact, x.double())
+    got = roles_and_gradients(exact_last, x_last.double())
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * max(1.0, b.abs().max().item()))
