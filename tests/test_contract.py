@@ -107,7 +107,10 @@ class EveryRole(Method):
             if not (len(stages) == len(shapes.preact_stages) == len(shapes.postact_stages)
                     == len(shapes.preact_norms)) or not stages or not shapes.embedding:
                 raise ValueError(f"roles missing from {shapes}")
-            if any(norm is None or len(norm[0]) != stage[0]
+            # A student may name no BN (the ShuffleNets, as RepDistiller); every teacher of the
+            # contract's pairs and settings does.
+            if any((norm is None and shapes is teacher_shapes)
+                   or (norm is not None and len(norm[0]) != stage[0])
                    for norm, stage in zip(shapes.preact_norms, shapes.preact_stages)):
                 raise ValueError("a pre-activation stage without its BN's (weight, bias)")
         self.head = nn.Linear(4, 4)
