@@ -397,6 +397,24 @@ def test_published_numbers_are_compared_only_at_their_own_epoch(results: Path) -
     assert set(best.published_sources) == {"mdistiller"} and set(last.published_sources) == {"repdistiller"}
 
 
+def test_compare_published_knows_a_cross_family_setting(tmp_path: Path) -> None:
+    """`table --compare-published` on cifar100/resnet32x4-shufflenet_v1: RepDistiller's
+    last-epoch numbers for KD and the student, mdistiller's best-epoch DKD, each at its epoch."""
+    setting = "cifar100/resnet32x4-shufflenet_v1"
+    root = write_records(tmp_path / "results", {setting: {"vanilla": [70.4, 70.6, 70.5],
+                                                          "kd": [74.0, 74.2, 74.1],
+                                                          "dkd": [76.3, 76.5, 76.4]}},
+                         {setting: 79.4})
+    published = load_published()
+    last = summarize(load_records(root), published=published, metric="top1_last")
+    assert last.cell(setting, "kd")["published"] == 74.07
+    assert last.cell(setting, "vanilla")["published"] == 70.50
+    assert not last.cell(setting, "kd")["published_outside_2std"]
+    assert set(last.published_sources) == {"repdistiller_cross_family"}
+    best = summarize(load_records(root), published=published, metric="top1_best")
+    assert best.cell(setting, "dkd")["published"] == 76.45
+
+
 def test_published_numbers_name_real_settings_and_rows() -> None:
     """Every published setting exists, and every row key is the teacher, the student or a
     method name of the zoo (a misspelt key would silently never match a cell)."""
