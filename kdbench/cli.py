@@ -99,6 +99,13 @@ def build_parser() -> ArgumentParser:
                      help="slurm: run jobs from a copy of the code, so edits while they queue "
                           "do not change what they run")
     run.add_argument("--no-table", action="store_true", help="do not print the table at the end")
+    run.add_argument("--keep", choices=["last", "best"], default="last",
+                     help="student weights kept in RESULTS/students/: last (default: the final "
+                          "epoch's, for every run) or best (also the best test epoch's); not part "
+                          "of the run id, and runs already stored are not retrained for it")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also log every epoch to RESULTS/tensorboard/<run id>/ (pip install "
+                          "'kdbench[tensorboard]'); runs/<id>.csv is always written")
     stale = run.add_mutually_exclusive_group()
     stale.add_argument("--retrain-stale", action="store_true",
                        help="retrain stored results made by other code (another version of the "
@@ -231,6 +238,10 @@ def command_run(args: argparse.Namespace) -> int:
         raise UserError(f"--data-dir {args.data_dir} does not exist")
     for setting in chosen:
         data.require(setting.dataset, args.data_dir)
+    if args.tensorboard:
+        from kdbench.logs import require_tensorboard
+
+        require_tensorboard()
     check_results_dir(args.results)
     if args.teacher_checkpoint is not None:
         grid, chosen = grid_from_args(args, creating=True)
@@ -373,7 +384,8 @@ def launch_grid(args: argparse.Namespace, teachers, students, chosen) -> list:
     # process with its own RunSpec seed and data order, so sharing changes no run's batches.
     jobs = args.runs_per_gpu or args.jobs or (1 if on_gpu else min(2, cores))
     options = TrainOptions(device=args.device, compile=args.compile, data_dir=args.data_dir,
-                           deterministic=args.deterministic)
+                           deterministic=args.deterministic, keep=args.keep,
+                           tensorboard=args.tensorboard)
     if not on_gpu and args.executor != "slurm":
         from kdbench.estimate import cpu_cost_warning
 

@@ -3,10 +3,14 @@
 Layout under the results directory (default ``results/``)::
 
     runs/<run id>.json          one record per run (students and teachers alike)
+    runs/<run id>.csv           its per-epoch metrics, rebuilt from the history (kdbench.logs)
     runs/stale/<id>.<sha>.json  records set aside by ``run --retrain-stale`` (made by other
                                 code; <sha>: the first 12 digits of their method's hash)
     checkpoints/<run id>.pt     the last epoch's checkpoint of a run in progress
     teachers/<run id>.pt        trained teacher weights (kept: every student reuses them)
+    students/<run id>.pt        a finished run's final student; .best.pt with --keep best
+                                (kdbench.students)
+    tensorboard/<run id>/       TensorBoard events, with --tensorboard (kdbench.logs)
     locks/                      file locks that keep two launches from training one teacher
 
 A record is plain JSON so that tables can be rebuilt anywhere from records copied off a
@@ -20,7 +24,9 @@ cluster (``aggregate``/``tables`` import no torch). Its fields::
     setting       the resolved setting: name, dataset, teacher, student, num_classes,
                   recipe (epochs, batch_size, lr, momentum, nesterov, weight_decay, ...)
     metrics       top1_last, top1_best, top5_last, top5_best, best_epoch (percent, 1-based epoch)
-    history       [{stage, epoch, loss, terms{name: value}, top1, top5, lr, seconds}, ...]
+    history       [{stage, epoch, loss, terms{name: value}, train_top1, top1, top5, lr (the
+                  epoch's), lr_next, seconds}, ...]
+    student_weights  {last: {path, sha256, epoch}, best: {...} with --keep best}
     error         null, or {type, message, traceback, step}
     wall_seconds, images_per_second, extra_parameters
     method_display_name  the row title ("KD", "KD + LS"; "Teacher" for a teacher's run)

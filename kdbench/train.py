@@ -33,6 +33,7 @@ from torch import Tensor, nn
 import kdbench
 from kdbench import registry, settings, sources
 from kdbench.data import BatchStream, load_dataset
+from kdbench.logs import EpochLog
 from kdbench.method import (
     PREACT_STAGES,
     Batch,
@@ -48,6 +49,7 @@ from kdbench.models import build_model
 from kdbench.roles import feature_points
 from kdbench.spec import TEACHER, RunSpec
 from kdbench.store import Store, write_atomically
+from kdbench.students import KEEP_LAST, KeptStudents
 from kdbench.taps import FeatureTaps, as_float32
 
 MAIN_STAGE = "main"
@@ -76,6 +78,10 @@ class TrainOptions:
     deterministic: bool = False
     data_dir: Path | None = None
     threads: int | None = None  # CPU threads for this run (several runs share a machine)
+    # What the run keeps besides its record (kdbench.students, kdbench.logs): options of the
+    # command, not of the run, since they change what is stored, never what is computed.
+    keep: str = KEEP_LAST  # "last": the final student; "best": also the best epoch's
+    tensorboard: bool = False  # also log each epoch to results/tensorboard/<id>/
 
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -313,6 +319,10 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
         start_stage, start_epoch = checkpoint["stage_index"], checkpoint["epoch"]
     trained_seconds = checkpoint["trained_seconds"] if checkpoint else 0.0
     images_seen = checkpoint["images_seen"] if checkpoint else 0
+    kept = KeptStudents(store, spec.id, options.keep)
+    kept.resume(checkpoint, history)
+    log = EpochLog(store, spec.id, options.tensorboard)
+    log.start(history)  # a resumed run's logs are rewritten from its checkpoint's history
 
     def checkpoint_here(stage_index: int, epoch: int, optimizer, scheduler) -> None:
         """Everything a resumed run needs; optimiser None marks a stage boundary."""
@@ -323,6 +333,7 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
             "scheduler": scheduler.state_dict() if scheduler else None,
             "stream": stream.state_dict(), "rng": rng_state(), "history": history,
             "trained_seconds": trained_seconds, "images_seen": images_seen,
+            **kept.checkpoint_state(),
         })
 
     # ---- stages ----------------------------------------------------------------------------
@@ -409,12 +420,12 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
             if bad_step >= 0:
                 raise NonFiniteLoss(f"loss became non-finite in stage {stage_name!r}, epoch "
                                     f"{epoch + 1}, step {bad_step + 1}")
+            lr = optimizer.param_groups[0]["lr"]  # the one this epoch trained with
             scheduler.step()
-            lr = optimizer.param_groups[0]["lr"]
             entry: dict[str, Any] = {
                 "stage": stage_name, "epoch": epoch + 1, "loss": loss_sum.item() / seen,
                 "terms": {name: value.item() / seen for name, value in term_sums.items()},
-                "lr_next": lr,
+                "lr": lr, "lr_next": optimizer.param_groups[0]["lr"],
             }
             if is_main:
                 entry["train_top1"] = 100.0 * correct.item() / seen
@@ -425,7 +436,9 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
             trained_seconds += entry["seconds"]
             images_seen += seen
             history.append(entry)
+            kept.observe(entry, student)  # a new best epoch's weights travel in the checkpoint
             checkpoint_here(stage_index, epoch + 1, optimizer, scheduler)
+            log.epoch(history)
             report({"event": "epoch", **entry, "epochs": epochs})
         if stage_index + 1 < len(schedule):
             # The next stage starts at its epoch 0 with its own optimiser: checkpoint that
@@ -437,6 +450,7 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
     student_taps.remove()
     if teacher_taps is not None:
         teacher_taps.remove()
+    log.close()
     main = [entry for entry in history if entry["stage"] == MAIN_STAGE and "top1" in entry]
     best = max(main, key=lambda entry: entry["top1"])
     record: dict[str, Any] = {
@@ -462,6 +476,8 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
         from kdbench.teachers import save_teacher_weights
 
         record["teacher_weights"] = save_teacher_weights(student, spec, store)
+    record["student_weights"] = kept.keep(student, main[-1]["epoch"], best["epoch"],
+                                          last=record.get("teacher_weights"))
     return record
 
 
