@@ -58,7 +58,10 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help="override the recipe's learning rate")
     parser.add_argument("--set", dest="assignments", action="append", default=[],
                         metavar="METHOD.FIELD=VALUE", help="set a method config field (typed)")
-    parser.add_argument("--teacher-seed", type=int, default=0)
+    parser.add_argument("--teacher-seed", type=int, default=0, metavar="SEED",
+                        help="seed of the teacher every student distils from (default 0): each "
+                             "teacher seed is trained once and is a different experiment, so its "
+                             "student runs get their own ids and table rows")
     parser.add_argument("--teacher-checkpoint", type=Path,
                         help="use this teacher state_dict instead of training one")
     parser.add_argument("--precision", choices=["fp32", "bf16"],
@@ -404,7 +407,6 @@ def launch_grid(args: argparse.Namespace, teachers, students, chosen) -> list:
 
 def command_list(args: argparse.Namespace) -> int:
     from kdbench import registry
-    from kdbench.models import KNOWN_ARCHITECTURES
 
     print("Methods (kdbench.methods entry points):")
     for name in registry.names():
@@ -419,8 +421,19 @@ def command_list(args: argparse.Namespace) -> int:
     for setting in settings.SETTINGS.values():
         default = "  (default)" if setting.name == settings.DEFAULT_SETTING else ""
         print(f"  {setting.name:<36} {setting.description}{default}")
-    print("\nArchitectures:", ", ".join(KNOWN_ARCHITECTURES))
+    print("\nArchitectures:", ", ".join(listed_architectures()))
     return 0
+
+
+def listed_architectures() -> list[str]:
+    """The zoo's named architectures, then every other one a setting uses (e.g. wrn_10_2 of
+    synthetic/tiny, wrn_22_4 of the MHGD pair), in the order the settings name them."""
+    from kdbench.models import KNOWN_ARCHITECTURES
+
+    named = dict.fromkeys(KNOWN_ARCHITECTURES)
+    for setting in settings.SETTINGS.values():
+        named.update(dict.fromkeys([setting.teacher, setting.student]))
+    return list(named)
 
 
 def command_status(args: argparse.Namespace) -> int:
