@@ -45,8 +45,8 @@ def runs(results: PathLike = "results") -> pd.DataFrame:
 
     Columns: ``RUN_COLUMNS`` — the spec's fields (setting, method, seed, role, teacher_seed,
     teacher_checkpoint, precision), the setting's dataset and architectures, ``row`` (the
-    row key ``kdbench table --methods`` takes, over the whole directory) and ``title`` (the
-    row's printed name), the record's metrics (percent; best_epoch 1-based), times, the kept
+    row key ``kdbench table --methods`` takes) and ``title`` (the row's printed title), both
+    as a table of the whole directory makes them, the record's metrics (percent; best_epoch 1-based), times, the kept
     students' files (paths relative to ``results``; ``best_student_weights`` with --keep
     best), the error's first line, and the code version — then one ``config.<field>`` column
     per field of the method's resolved config and one ``recipe.<field>`` per field of the
@@ -56,7 +56,7 @@ def runs(results: PathLike = "results") -> pd.DataFrame:
     frame = pd.DataFrame([_run_row(record) for record in records])
     if frame.empty:
         return pd.DataFrame(columns=list(RUN_COLUMNS))
-    frame["row"] = _row_keys(records)
+    frame["row"], frame["title"] = _rows_and_titles(records)
     extra = sorted(column for column in frame.columns if column not in RUN_COLUMNS)
     frame = frame[[*RUN_COLUMNS, *extra]]
     order = frame["role"].map({"teacher": 0}).fillna(1)
@@ -273,7 +273,7 @@ def _run_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "setting": setting.get("name") or spec.get("setting"), "dataset": setting.get("dataset"),
         "teacher_arch": setting.get("teacher"), "student_arch": setting.get("student"),
         "role": spec.get("role", "student"), "method": spec.get("method"),
-        "title": record.get("method_display_name"), "seed": spec.get("seed"),
+        "title": None, "seed": spec.get("seed"),
         "teacher_seed": spec.get("teacher_seed"), "teacher_checkpoint": spec.get("teacher_checkpoint"),
         "precision": record_precision(record),
         **{name: metrics.get(name) for name in ("top1_last", "top5_last", "top1_best", "top5_best",
@@ -293,9 +293,13 @@ def _run_row(record: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _row_keys(records: list[dict[str, Any]]) -> list[str]:
-    """Each record's table row key, as ``summarize`` labels the whole directory's runs."""
+def _rows_and_titles(records: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """Each record's table row key and printed row title, as ``summarize`` makes them for the
+    whole directory's runs."""
     from kdbench.aggregate import runs_frame
-    from kdbench.rows import label_rows
+    from kdbench.rows import label_rows, row_titles
 
-    return label_rows(runs_frame(records)).tolist()
+    frame = runs_frame(records)
+    frame["row"] = label_rows(frame)
+    titles = row_titles(frame)
+    return frame["row"].tolist(), [titles[row] for row in frame["row"]]

@@ -105,7 +105,9 @@ def test_summary_is_the_tables_mean_and_sample_std_over_seeds(hand_results):
     assert len(kd_row) == 1
     summary = api.summary(hand_results, methods=["vanilla", *kd_row], metric="last")
     cells = summary.cells.set_index("row")
-    assert set(api.summary(hand_results).cells["row"]) == set(frame["row"])
+    everything = api.summary(hand_results).cells
+    assert dict(zip(everything["row"], everything["title"])) == dict(zip(frame["row"], frame["title"]))
+    assert "KD (temperature = 2)" in set(frame["title"])
     for row, values in [("vanilla", VALUES["vanilla"]), (kd_row[0], VALUES["kd"])]:
         assert cells.loc[row, "mean"] == pytest.approx(statistics.mean(values))
         assert cells.loc[row, "std"] == pytest.approx(statistics.stdev(values))
