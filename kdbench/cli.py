@@ -42,8 +42,9 @@ def comma_list(text: str) -> list[str]:
 
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", type=comma_list, default=None,
-                        help="comma-separated methods (see `kdbench list`); the student alone "
-                             "(vanilla) is always added as the baseline row")
+                        help="comma-separated methods (see `kdbench list`); A+B adds B's loss "
+                             "terms to A (e.g. crd+kd); the student alone (vanilla) is always "
+                             "added as the baseline row")
     parser.add_argument("--seeds", type=positive_int, default=None,
                         help="number of seeds: 0, 1, ..., N-1 (default 5)")
     parser.add_argument("--seed-list", type=comma_list, default=None,
@@ -153,6 +154,11 @@ def parse_assignments(assignments: list[str], methods: list[str]) -> dict[str, d
         except ValueError as error:
             raise UserError(f"--set {assignment!r}: {error}") from None
         config.setdefault(method, {})[field] = value
+    for method, values in config.items():
+        try:  # the config's own checks (a field's range, a composition's unused CE weight)
+            registry.get(method).Config.from_json(values)
+        except ValueError as error:
+            raise UserError(f"--set for {method}: {error}") from None
     return config
 
 
@@ -417,6 +423,8 @@ def command_list(args: argparse.Namespace) -> int:
                   f"{method.fidelity or 'not declared'}"
                   + (f" · {method.fidelity_note}" if method.fidelity_note else ""))
         print(f"  {'':<10} [{method.origin}]")
+    print("  A+B        any method with another's loss terms added (RepDistiller's -a), e.g. crd+kd;\n"
+          f"  {'':<10} set a part's field with --set crd+kd.kd.alpha=0.9 (kdbench/composition.py)")
     print("\nSettings:")
     for setting in settings.SETTINGS.values():
         default = "  (default)" if setting.name == settings.DEFAULT_SETTING else ""

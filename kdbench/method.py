@@ -187,6 +187,10 @@ class Method(nn.Module):
     # do without. The contract test fails a step that synchronises in any other way, and a
     # declaration the step never uses.
     host_syncs: ClassVar[Mapping[str, str]] = {}
+    # Config values this method takes when its terms are *added* to another method's (the b
+    # of a composition "a+b", kdbench/composition.py), each with its source: a weight tuned
+    # for the method alone need not be the one it is added with.
+    added_defaults: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         super().__init__()
@@ -210,6 +214,12 @@ class Method(nn.Module):
         num_train: int,
     ) -> None:
         """Create extra trainable modules sized from a dry forward pass. Default: none."""
+
+    def observe_training_set(self, labels: Tensor) -> None:
+        """Called once after ``build`` (and after the method is on the run's device) with the
+        labels of the whole training set, (num_train,) int64 on that device, indexed like
+        ``Batch.index``. For methods whose sampling depends on the classes of samples not in
+        the batch (a memory bank's negatives from other classes). Default: nothing."""
 
     def pretrain_stages(self) -> list[PretrainStage]:
         return []

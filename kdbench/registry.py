@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, version
 
-from kdbench import sources
+from kdbench import composition, sources
 from kdbench.errors import UserError, suggest
 from kdbench.method import Method
 
@@ -54,7 +54,11 @@ def names() -> list[str]:
 
 @lru_cache(maxsize=None)
 def get(name: str) -> type[Method]:
-    """The Method class registered as ``name``. Raises UserError for a user's mistake."""
+    """The Method class registered as ``name``, or the composition of registered methods that
+    ``name`` joins with "+" ("crd+kd", kdbench/composition.py). Raises UserError for a user's
+    mistake."""
+    if composition.is_composition(name):
+        return composition.compose(name, [get(part) for part in composition.part_names(name)])
     found = registrations().get(name)
     if not found:
         raise UnknownMethod(f"unknown method {name!r}; {suggest(name, names())}")

@@ -252,10 +252,17 @@ def check_pair(method_class: type[Method], teacher_arch: str | None, student_arc
             teacher_taps.remove()
 
 
+def training_labels(num_classes: int) -> Tensor:
+    """The labels of the contract's NUM_TRAIN-sample training set: sample i has class
+    i mod num_classes, as the contract's batches (index i, label i mod num_classes) say."""
+    return torch.arange(NUM_TRAIN) % num_classes
+
+
 def built(method_class: type[Method], student_shapes: FeatureShapes,
           teacher_shapes: FeatureShapes | None) -> Method:
     method = method_class(method_class.Config())
     method.build(student_shapes, teacher_shapes, NUM_TRAIN)
+    method.observe_training_set(training_labels(NUM_CLASSES))
     if not isinstance(method.extra_parameters(), int):
         raise ContractError("extra_parameters() must return an int")
     twin = method_class(method_class.Config())
@@ -524,6 +531,7 @@ def check_setting_shapes(method_class: type[Method], setting: settings.Setting) 
     torch.manual_seed(0)
     method = method_class(method_class.Config())
     method.build(student_shapes, teacher_shapes, NUM_TRAIN)
+    method.observe_training_set(training_labels(num_classes))
     t = random_features(teacher_shapes, method_class.teacher_taps, False) if teacher_shapes else None
     batch = Batch(torch.zeros(BATCH_SIZE, in_channels, size, size),
                   torch.arange(BATCH_SIZE) % num_classes, torch.arange(BATCH_SIZE))

@@ -290,6 +290,7 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
         teacher_shapes = shapes_of(teacher_taps.pop(teacher(sample)), teacher) if teacher is not None else None
     method.build(student_shapes, teacher_shapes, dataset.num_train)
     method.to(device)
+    method.observe_training_set(dataset.train_labels.to(device))
     student_forward = torch.compile(student) if options.compile else student
     teacher_forward = torch.compile(teacher) if options.compile and teacher is not None else teacher
 

@@ -74,6 +74,10 @@ class KD(Method):
                      "RepDistiller's and mdistiller's CIFAR-100 commands, which agree; "
                      "logit_standardization as the LS authors' code")
     Config = KDConfig
+    # Added to another method ("crd+kd", kdbench/composition.py), KD weighs 1: RepDistiller's
+    # CRD+KD command is `--distill crd -r 1 -a 1 -b 0.8` (scripts/run_cifar_distill.sh), its
+    # `-a` the KD weight; 0.9 is KD's weight alone, beside the hard term's γ = 0.1.
+    added_defaults = {"alpha": 1.0}
 
     def configured_display_name(self) -> str:
         return "KD + LS" if self.config.logit_standardization else self.display_name

@@ -208,6 +208,7 @@ def autocast_step(name: str, device: torch.device, channels_last: bool) -> None:
         teacher_shapes = shapes_of(teacher_taps.pop(teacher(images[:2])), teacher) if teacher is not None else None
     method.build(student_shapes, teacher_shapes, 64)
     method.to(device)
+    method.observe_training_set(torch.arange(64, device=device) % NUM_CLASSES)  # as the batch's labels
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
     def forward(run_student: bool) -> tuple[Features | None, Features | None]:

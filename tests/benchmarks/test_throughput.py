@@ -144,6 +144,8 @@ def build_trainee(method_name: str, teacher_arch: str | None, student_arch: str,
         teacher_shapes = shapes_of(teacher_taps.pop(teacher(sample)), teacher) if teacher is not None else None
     method.build(student_shapes, teacher_shapes, NUM_TRAIN)
     method.to(DEVICE)
+    # A balanced training set (the batch's own labels are random; only the sampling's cost counts).
+    method.observe_training_set(torch.arange(NUM_TRAIN, device=DEVICE) % NUM_CLASSES)
     stages = method.pretrain_stages()
     progress = Progress(epoch=0, epochs=RECIPE.epochs, step=0,
                         steps_per_epoch=math.ceil(NUM_TRAIN / batch_size),
