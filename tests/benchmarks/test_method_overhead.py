@@ -42,7 +42,8 @@ ROUNDS = 4
 TARGETS = {"kd": 1.15, "fitnet": 1.15, "at": 1.15, "rkd": 1.15, "mhgd": 1.5,
            "dkd": 1.15, "dist": 1.15,  # issue 16: the logit methods
            # issue 15: the classic zoo
-           "sp": 1.15, "cc": 1.15, "vid": 1.15, "pkt": 1.15, "nst": 1.15, "fsp": 1.15, "ft": 1.15}
+           "sp": 1.15, "cc": 1.15, "vid": 1.15, "pkt": 1.15, "nst": 1.15, "fsp": 1.15, "ft": 1.15,
+           "crd": 1.15}
 
 
 def registered_method(name: str) -> type[Method]:
@@ -171,6 +172,10 @@ def test_method_step_overhead(name: str, benchmark, interleave, report) -> None:
         student_shapes = shapes_of(student_taps.pop(student(sample)), student)
         teacher_shapes = shapes_of(teacher_taps.pop(teacher(sample)), teacher) if teacher is not None else None
     method.build(student_shapes, teacher_shapes, NUM_TRAIN)
+    # A balanced training set whose first samples are this batch (Batch.index = 0..B-1).
+    training_labels = torch.arange(NUM_TRAIN) % NUM_CLASSES
+    training_labels[:batch_size] = labels
+    method.observe_training_set(training_labels)
 
     stages = method.pretrain_stages()
     pretrain_epochs = sum(stage.epochs for stage in stages)
