@@ -46,7 +46,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdbench.method import EMBEDDING, Batch, FeatureShapes, Features, Method, MethodConfig, Progress
+from kdbench.method import (
+    EMBEDDING,
+    FIDELITY_AUTHORS_CODE,
+    Batch,
+    FeatureShapes,
+    Features,
+    Method,
+    MethodConfig,
+    Progress,
+)
 
 NEGATIVE_POOLS = ("other_classes", "uniform")
 EPSILON = 1e-7  # crd/criterion.py: eps = 1e-7 in ContrastLoss
@@ -151,7 +160,7 @@ class CRD(Method):
     name = "crd"
     paper = "Tian, Krishnan & Isola. Contrastive Representation Distillation. ICLR 2020"
     display_name = "CRD"
-    fidelity = "authors' code"
+    fidelity = FIDELITY_AUTHORS_CODE
     fidelity_note = ("RepDistiller (the authors' code): embeddings, memory bank, NCE loss, "
                      "defaults; negatives i.i.d. from other classes (RepDistiller: without "
                      "replacement)")

@@ -92,8 +92,9 @@ def test_composition_declares_the_union_of_its_parts() -> None:
     assert composed.name == "kd+at" and issubclass(composed, Method)
     assert composed.student_taps == KD.student_taps | AT.student_taps
     assert composed.uses_teacher
-    assert composed.display_name == " + ".join(
-        getattr(part, "display_name", None) or part.name for part in (KD, AT))
+    assert composed.display_name == "KD + AT" and registry.get("crd+kd").display_name == "CRD + KD"
+    assert registry.get("crd+kd")().configured_display_name() == "CRD + KD"
+    assert registry.get("crd+kd").fidelity == "authors' code"  # CRD's (KD: "paper")
     assert KD.paper in composed.paper and AT.paper in composed.paper
     assert "kd+at" not in registry.names()  # made on demand, not registered
 

@@ -217,6 +217,9 @@ def test_two_epoch_runs_of_crd_and_crd_plus_kd(results_with_teacher) -> None:
         assert set(main[0]["terms"]) == terms
         assert all(math.isfinite(value) for entry in main for value in entry["terms"].values())
     assert both["spec"]["method"] == "crd+kd" and both["id"] != crd["id"]
+    assert (crd["method_display_name"], both["method_display_name"]) == ("CRD", "CRD + KD")
+    assert {"methods/crd.py", "methods/kd.py", "kdbench/composition.py"} <= set(
+        both["provenance"]["method_source_files"])
     assert both["config"]["kd.alpha"] == 1.0 and both["config"]["crd.weight"] == 0.8
     assert both["provenance"]["method_source_sha256"] == registry.source_sha256(registry.get("crd+kd"))
     assert both["provenance"]["method_source_sha256"] != crd["provenance"]["method_source_sha256"]
