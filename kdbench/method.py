@@ -125,6 +125,10 @@ class PretrainStage:
     # Train the student parameters that feed stage output ``k`` (FitNets' "up to the guided
     # layer"); None: the student is neither run nor trained.
     student_up_to_stage: int | None = None
+    # The role whose ``k``-th tensor that is: stage outputs, or another per-stage role (AB's
+    # initialisation trains everything that feeds the deepest pre-activation output, which on
+    # pre-activation WRNs includes the final BN that no stage output depends on).
+    student_role: str = STAGES
     # Whether the stage follows the setting's learning-rate schedule (scaled to its own epochs)
     # or keeps the initial rate constant.
     lr_schedule: str = "constant"

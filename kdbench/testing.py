@@ -363,15 +363,16 @@ def check_stage(method: Method, stage: PretrainStage, student: nn.Module, studen
     lr = getattr(stage, "lr", None)
     if lr is not None and not lr > 0:
         raise ContractError(f"lr must be None or > 0, got {lr!r}")
-    if stage.student_up_to_stage is not None and STAGES not in type(method).student_taps:
-        raise ContractError("student_up_to_stage needs the STAGES role in student_taps")
+    role = getattr(stage, "student_role", STAGES)
+    if stage.student_up_to_stage is not None and role not in type(method).student_taps:
+        raise ContractError(f"student_up_to_stage needs the {role!r} role (student_role) in student_taps")
     method_modules = set(map(id, method.modules()))
     strangers = [module for module in stage.modules if id(module) not in method_modules]
     if strangers:
         raise ContractError("trains modules that are not submodules of the method (they would not be "
                             f"checkpointed or moved to the device): {[type(m).__name__ for m in strangers]}")
     run_student = stage.student_up_to_stage is not None
-    feeding = (parameters_feeding(student, student_taps, stage.student_up_to_stage, batch.images[:2])
+    feeding = (parameters_feeding(student, student_taps, stage.student_up_to_stage, batch.images[:2], role)
                if run_student else [])
     stage_parameters = iter_parameters(stage.modules)
     trainable = feeding + stage_parameters

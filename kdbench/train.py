@@ -36,6 +36,7 @@ from kdbench.data import BatchStream, load_dataset
 from kdbench.logs import EpochLog
 from kdbench.method import (
     PREACT_STAGES,
+    STAGES,
     Batch,
     FeatureShapes,
     Features,
@@ -163,15 +164,17 @@ def preact_norms(model: nn.Module | None, count: int) -> tuple[NormParameters | 
     return tuple(norms)
 
 
-def parameters_feeding(model: nn.Module, taps: FeatureTaps, stage: int, sample: Tensor) -> list[nn.Parameter]:
-    """The parameters that stage output ``stage`` depends on (FitNets' "up to the guided
-    layer"), found by autograd rather than by an architecture's module names."""
+def parameters_feeding(model: nn.Module, taps: FeatureTaps, stage: int, sample: Tensor,
+                       role: str = STAGES) -> list[nn.Parameter]:
+    """The parameters that the ``stage``-th tensor of ``role`` (stage outputs by default)
+    depends on (FitNets' "up to the guided layer"), found by autograd rather than by an
+    architecture's module names."""
     was_training = model.training
     model.eval()
     with torch.enable_grad():
         features = taps.pop(model(sample))
         candidates = [p for p in model.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(features.stages[stage].sum(), candidates, allow_unused=True)
+        grads = torch.autograd.grad(getattr(features, role)[stage].sum(), candidates, allow_unused=True)
     model.train(was_training)
     return [p for p, g in zip(candidates, grads) if g is not None]
 
@@ -349,7 +352,8 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
             trainable = student_parameters + iter_parameters(method.trainable_modules())
             lr_schedule = "setting"
         else:
-            student_parameters = (parameters_feeding(student, student_taps, pretrain.student_up_to_stage, sample)
+            student_parameters = (parameters_feeding(student, student_taps, pretrain.student_up_to_stage,
+                                                     sample, pretrain.student_role)
                                   if run_student else [])
             trainable = student_parameters + iter_parameters(pretrain.modules)
             lr_schedule = pretrain.lr_schedule

@@ -188,7 +188,8 @@ def test_method_step_overhead(name: str, benchmark, interleave, report) -> None:
         "plain": plain_step(plain_student, plain_teacher, plain_optimizer, images, labels)}
     stage_results: dict[str, list[dict[str, Tensor]]] = {}
     for stage in stages:
-        stage_parameters = (parameters_feeding(student, student_taps, stage.student_up_to_stage, sample)
+        stage_parameters = (parameters_feeding(student, student_taps, stage.student_up_to_stage, sample,
+                                               stage.student_role)
                             if stage.student_up_to_stage is not None else [])
         # A stage may set its own weight decay (MHGD's stage 1) and learning rate, as train.py
         # honours them.

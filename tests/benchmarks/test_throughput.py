@@ -157,7 +157,8 @@ def build_trainee(method_name: str, teacher_arch: str | None, student_arch: str,
         method, run_student, run_teacher, student_taps, teacher_taps, student_parameters,
         optimizer, batch, progress))
     for stage in stages:
-        stage_parameters = (parameters_feeding(student, student_taps, stage.student_up_to_stage, sample)
+        stage_parameters = (parameters_feeding(student, student_taps, stage.student_up_to_stage, sample,
+                                               stage.student_role)
                             if stage.student_up_to_stage is not None else [])
         stage_recipe = (RECIPE if stage.weight_decay is None
                         else RECIPE.with_overrides({"weight_decay": stage.weight_decay}))
