@@ -210,7 +210,8 @@ def test_killed_crd_run_resumes_bit_for_bit(results_with_teacher, tmp_path) -> N
 def test_two_epoch_runs_of_crd_and_crd_plus_kd(results_with_teacher) -> None:
     store = Store(results_with_teacher)
     crd = train(RunSpec("synthetic/tiny", "crd", 0), store)
-    both = train(RunSpec("synthetic/tiny", "crd+kd", 0), store)
+    # The composition with a part's field set (1024 negatives: the same paths, less time).
+    both = train(RunSpec("synthetic/tiny", "crd+kd", 0, config={"crd.negatives": 1024}), store)
     for record, terms in ((crd, {"ce", "crd"}), (both, {"ce", "crd", "kd"})):
         main = [entry for entry in record["history"] if entry["stage"] == "main"]
         assert [entry["epoch"] for entry in main] == [1, 2]
@@ -221,5 +222,6 @@ def test_two_epoch_runs_of_crd_and_crd_plus_kd(results_with_teacher) -> None:
     assert {"methods/crd.py", "methods/kd.py", "kdbench/composition.py"} <= set(
         both["provenance"]["method_source_files"])
     assert both["config"]["kd.alpha"] == 1.0 and both["config"]["crd.weight"] == 0.8
+    assert both["config"]["crd.negatives"] == 1024
     assert both["provenance"]["method_source_sha256"] == registry.source_sha256(registry.get("crd+kd"))
     assert both["provenance"]["method_source_sha256"] != crd["provenance"]["method_source_sha256"]
