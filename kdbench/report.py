@@ -102,12 +102,15 @@ def table_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -
     )
     layout = Layout(delta=getattr(args, "delta", False), ci=getattr(args, "ci", False),
                     published=compare)
+    corrupt = store.corrupt_records()
     if out is None:
         fmt = formats[0]
         text = {"markdown": render_markdown, "latex": render_latex, "csv": render_csv}[fmt]
         sys.stdout.write(text(summary, layout) if fmt != "csv" else text(summary))
+        for _, reason in corrupt:  # on stderr: the table on stdout stays clean to redirect
+            print(f"warning: skipped {reason}", file=sys.stderr)
         return 0
-    corrupt = store.corrupt_files()
+    corrupt = [path for path, _ in corrupt]
     provenance = Provenance(
         command=command_line(sys.argv if argv is None else argv),
         commit=current_commit(),
@@ -119,8 +122,8 @@ def table_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -
         print(f"wrote {path}")
     for note in summary.notes:
         print(f"note: {note}", file=sys.stderr)
-    for path in corrupt:
-        print(f"warning: skipped unreadable record {path}", file=sys.stderr)
+    for _, reason in store.corrupt_records():
+        print(f"warning: skipped {reason}", file=sys.stderr)
     return 0
 
 
@@ -219,14 +222,14 @@ def write_tables(summary: Summary, layout: Layout, out: Path, formats: Sequence[
         if name in PLOTS:
             render_plot(summary, path, layout)
         elif name == "latex":
-            path.write_text(render_latex(summary, layout, label=label))
+            path.write_text(render_latex(summary, layout, label=label), encoding="utf-8")
         elif name == "markdown":
-            path.write_text(render_markdown(summary, layout))
+            path.write_text(render_markdown(summary, layout), encoding="utf-8")
         else:
-            path.write_text(render_csv(summary))
+            path.write_text(render_csv(summary), encoding="utf-8")
         written.append(path)
     note = provenance_path(out)
-    note.write_text(render_provenance(summary, provenance, [p.name for p in written]))
+    note.write_text(render_provenance(summary, provenance, [p.name for p in written]), encoding="utf-8")
     written.append(note)
     return written
 
