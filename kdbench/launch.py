@@ -106,15 +106,22 @@ def threads_per_run(jobs: int, cores: int | None = None) -> int:
     return max(1, (cores or usable_cores()) // max(1, jobs))
 
 
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal, say
+        return f"signal {number}"
+
+
 def death_cause(exitcode: int | None) -> str:
     """What a worker's exit code says about a death without a result."""
     if exitcode is not None and exitcode < 0:
-        name = signal.Signals(-exitcode).name
         why = (" (what the out-of-memory killer sends: see `dmesg`, or give the run more memory)"
                if -exitcode == signal.SIGKILL else "")
-        return f"worker process killed by {name}{why}"
+        return f"worker process killed by {signal_name(-exitcode)}{why}"
     if exitcode is not None and 128 < exitcode < 128 + signal.NSIG:
-        return f"worker process stopped by {signal.Signals(exitcode - 128).name}"
+        # A worker stopped by SIGTERM from elsewhere exits 128 + 15 (kdbench.interrupt).
+        return f"worker process stopped by {signal_name(exitcode - 128)}"
     return f"worker process exited with code {exitcode} without a result"
 
 
