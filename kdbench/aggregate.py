@@ -488,7 +488,7 @@ def _refuse_ambiguity(runs: pd.DataFrame, settings: Sequence[str]) -> None:
         students = sorted(in_setting.loc[in_setting["row"].map(_base) == STUDENT, "row"].unique())
         if len(students) > 1:
             raise UserError(f"setting {setting} has {len(students)} different Student (vanilla) "
-                            f"experiments: {', '.join(students)}; choose one with --methods")
+                            f"experiments: {', '.join(students)}; {_how_to_choose(students)}")
         for (row, seed), group in in_setting.groupby(["row", "seed"]):
             if len(group) > 1:
                 raise UserError(f"setting {setting}, {row}, seed {seed}: {len(group)} records "
@@ -516,6 +516,19 @@ def _check_versions(runs: pd.DataFrame, titles: Mapping[str, str], pool_versions
         notes.append(f"{setting}, {titles[row]}: pooled over {len(versions)} code versions "
                      f"(--pool-versions): {listing}")
     return pooled
+
+
+def _how_to_choose(students: Sequence[str]) -> str:
+    """Which flag separates the experiments: --precision where they differ in precision (a
+    bf16 and an fp32 grid), --methods with a variant label where they differ otherwise (the
+    label names the fields that differ)."""
+    keys = {part.split("=", 1)[0] for row in students if "[" in row
+            for part in row.split("[", 1)[1].rstrip("]").split(",")}
+    if keys == {"precision"}:
+        return "choose one with --precision fp32 or --precision bf16"
+    advice = (f"choose one with --methods, e.g. --methods '{students[0]}' (and the method rows "
+              "of the same experiment)")
+    return advice + (", and --precision" if "precision" in keys else "")
 
 
 def _columns(runs: pd.DataFrame, settings: Sequence[str]) -> pd.DataFrame:

@@ -7,6 +7,9 @@ line and exit code 2, and results already stored are never touched by it.
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import shlex
 import sys
 import tempfile
 import time
@@ -17,6 +20,11 @@ from kdbench import settings
 from kdbench.errors import UserError
 
 EXIT_USAGE = 2
+# Seeds go to numpy's legacy seeding (np.random.seed), which takes 0 to 2**32 - 1.
+MAX_SEED = 2**32 - 1
+# A grid larger than this is a typo (``--seeds 100000000000``), not an experiment: its run list
+# alone would not fit in memory. Each run is minutes to hours of training.
+MAX_GRID_RUNS = 100_000
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -37,7 +45,20 @@ def positive_int(text: str) -> int:
 
 
 def comma_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items:  # --methods "" must not quietly mean the default
+        raise argparse.ArgumentTypeError(f"empty list ({text!r})")
+    return items
+
+
+def seed_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seeds are whole numbers from 0 to {MAX_SEED}, got {value}")
+    return value
 
 
 def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +80,7 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help="override the recipe's learning rate")
     parser.add_argument("--set", dest="assignments", action="append", default=[],
                         metavar="METHOD.FIELD=VALUE", help="set a method config field (typed)")
-    parser.add_argument("--teacher-seed", type=int, default=0, metavar="SEED",
+    parser.add_argument("--teacher-seed", type=seed_number, default=0, metavar="SEED",
                         help="seed of the teacher every student distils from (default 0): each "
                              "teacher seed is trained once and is a different experiment, so its "
                              "student runs get their own ids and table rows")
@@ -135,7 +156,7 @@ def build_parser() -> ArgumentParser:
 def parse_assignments(assignments: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
     """``--set kd.temperature=2`` → {"kd": {"temperature": 2.0}}, typed by the method's Config."""
     from kdbench import registry
-    from kdbench.method import parse_config_value
+    from kdbench.method import InvalidValue, parse_config_value
 
     config: dict[str, dict[str, Any]] = {}
     for assignment in assignments:
@@ -151,13 +172,15 @@ def parse_assignments(assignments: list[str], methods: list[str]) -> dict[str, d
         except KeyError:
             known = ", ".join(config_class.field_types()) or "none"
             raise UserError(f"--set {assignment!r}: {method} has no field {field!r} (fields: {known})") from None
+        except InvalidValue as error:
+            raise UserError(f"--set {assignment!r}: {method}.{field} {error}") from None
         except ValueError as error:
             raise UserError(f"--set {assignment!r}: {error}") from None
         config.setdefault(method, {})[field] = value
     for method, values in config.items():
-        try:  # the config's own checks (a field's range, a composition's unused CE weight)
+        try:  # the config's own checks (a field's range, rules across fields, a composition's unused CE weight)
             registry.get(method).Config.from_json(values)
-        except ValueError as error:
+        except (TypeError, ValueError) as error:
             raise UserError(f"--set for {method}: {error}") from None
     return config
 
@@ -174,11 +197,72 @@ def check_results_dir(results: Path) -> None:
         raise UserError(f"results directory {results} is not writable: {error.strerror or error}") from None
 
 
+def check_could_create(path: Path, what: str) -> None:
+    """Fail when ``path`` (a directory or file to be made, parents included) could not be
+    created, without creating anything: its nearest existing ancestor must be a writable
+    directory (--dry-run, table --out)."""
+    if path.is_dir():
+        ancestor = path
+    else:
+        ancestor = path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if path.exists() and not path.is_dir() and what.endswith("directory"):
+            raise UserError(f"{what} {path} is a file")
+    if not ancestor.is_dir():
+        raise UserError(f"{what} {path} is not writable: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} is not writable: no permission to write in {ancestor}")
+
+
+def check_device(args: argparse.Namespace) -> None:
+    """--device names a device kdbench trains on, present here (on SLURM: on the nodes)."""
+    if args.device is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {args.device}: not a device (cpu, cuda, cuda:1, mps)") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {args.device}: kdbench trains on cpu, cuda or mps")
+    if args.executor == "slurm":
+        return  # the nodes have the devices, not this machine
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {args.device}: no CUDA device here (torch.cuda.is_available() "
+                            "is False); leave --device out to train on the CPU")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {args.device}: this machine has {count} CUDA "
+                            f"device{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {args.device}: no MPS device here")
+
+
+def check_batch_size(batch_size: int | None, chosen) -> None:
+    """A batch larger than the training set is a mistake (and would not fit anyway)."""
+    from kdbench.data import DATASET_SIZES
+
+    if batch_size is None:
+        return
+    for setting in chosen:
+        images = min(DATASET_SIZES[setting.dataset][0], setting.train_subset or math.inf)
+        if batch_size > images:
+            raise UserError(f"--batch-size {batch_size} is larger than the {images} training "
+                            f"images of {setting.name}")
+
+
 def grid_from_args(args: argparse.Namespace, creating: bool):
     from kdbench import registry
     from kdbench.grid import Grid, with_baseline
 
-    methods = with_baseline(args.methods if args.methods else ["kd"])
+    asked = args.methods if args.methods else ["kd"]
+    twice = sorted({method for method in asked if asked.count(method) > 1})
+    if twice:
+        raise UserError(f"--methods: {', '.join(twice)} is listed twice")
+    methods = with_baseline(asked)
     for method in methods:
         registry.get(method)  # unknown or broken (import fails): one line, exit 2
     if args.seed_list:
@@ -186,16 +270,25 @@ def grid_from_args(args: argparse.Namespace, creating: bool):
             seeds = [int(seed) for seed in args.seed_list]
         except ValueError:
             raise UserError(f"--seed-list: expected whole numbers, got {','.join(args.seed_list)}") from None
+        wrong = [seed for seed in seeds if not 0 <= seed <= MAX_SEED]
+        if wrong:
+            raise UserError(f"--seed-list: seeds are whole numbers from 0 to {MAX_SEED}, got {wrong[0]}")
         if len(set(seeds)) != len(seeds):
             raise UserError("--seed-list: a seed is listed twice")
-    else:
-        seeds = list(range(args.seeds or 5))
     chosen = settings.expand(args.setting or [settings.DEFAULT_SETTING])
+    n_seeds = len(seeds) if args.seed_list else (args.seeds or 5)
+    runs = n_seeds * len(methods) * len(chosen)
+    if runs > MAX_GRID_RUNS:
+        raise UserError(f"--seeds {n_seeds}: that grid has {runs:,} runs, more than kdbench takes "
+                        f"in one command ({MAX_GRID_RUNS:,})")
+    if not args.seed_list:
+        seeds = list(range(n_seeds))
+    check_batch_size(args.batch_size, chosen)
     overrides = {key: value for key, value in
                  (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
                  if value is not None}
-    if "lr" in overrides and not overrides["lr"] > 0:
-        raise UserError(f"--lr must be positive, got {overrides['lr']}")
+    if "lr" in overrides and not (math.isfinite(overrides["lr"]) and overrides["lr"] > 0):
+        raise UserError(f"--lr must be a positive finite number, got {overrides['lr']}")
     config = parse_assignments(args.assignments, methods)
     checksum = None
     if args.teacher_checkpoint is not None:
@@ -204,6 +297,11 @@ def grid_from_args(args: argparse.Namespace, creating: bool):
 
         if len(chosen) != 1:
             raise UserError("--teacher-checkpoint needs exactly one --setting")
+        if args.teacher_checkpoint.is_dir():
+            raise UserError(f"teacher checkpoint {args.teacher_checkpoint} is a directory, not a "
+                            "state_dict file")
+        if not args.teacher_checkpoint.is_file():
+            raise UserError(f"teacher checkpoint {args.teacher_checkpoint} does not exist")
         if creating:
             check_results_dir(args.results)
             checksum = register_checkpoint(args.teacher_checkpoint, chosen[0], Store(args.results),
@@ -243,6 +341,7 @@ def command_run(args: argparse.Namespace) -> int:
 
     grid, chosen = grid_from_args(args, creating=False)
     check_runs_per_gpu(args)
+    check_device(args)
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise UserError(f"--data-dir {args.data_dir} does not exist")
     for setting in chosen:
@@ -251,15 +350,21 @@ def command_run(args: argparse.Namespace) -> int:
         from kdbench.logs import require_tensorboard
 
         require_tensorboard()
-    check_results_dir(args.results)
-    if args.teacher_checkpoint is not None:
-        grid, chosen = grid_from_args(args, creating=True)
+    if args.dry_run:
+        check_could_create(args.results, "results directory")  # and create nothing
+    else:
+        check_results_dir(args.results)
+        if args.teacher_checkpoint is not None:
+            grid, chosen = grid_from_args(args, creating=True)
     store = Store(args.results)
+    for path, reason in store.corrupt_records():
+        print(f"kdbench: warning: skipped {reason}", file=sys.stderr)
     students = grid.students()
     # Teachers are trained (or a given checkpoint evaluated) even when only the baseline runs:
     # the teacher row belongs in every table.
     teachers = grid.teachers()
-    todo_teachers = [spec for spec in teachers if state_of(spec, store).state != "done"]
+    teacher_states = [state_of(spec, store) for spec in teachers]
+    todo_teachers = [state.spec for state in teacher_states if state.state != "done"]
     student_states = [state_of(spec, store) for spec in students]
     retrain = check_stale(args, student_states, store)
     todo_students = [state.spec for state in student_states
@@ -271,6 +376,9 @@ def command_run(args: argparse.Namespace) -> int:
           f"{stored} already stored, {len(todo_students)} to train"
           + (f", plus {len(todo_teachers)} teacher{'s' if len(todo_teachers) > 1 else ''}" if todo_teachers else "")
           + f"; results in {args.results}/", flush=True)
+    for state in teacher_states:
+        if state.state == "missing" and state.error:  # e.g. its weights file went missing
+            print(f"kdbench: {state.spec.label()}: {state.error}", flush=True)
     failed = []
     submitted = []
     if not todo_students and not todo_teachers:
@@ -291,19 +399,14 @@ def command_run(args: argparse.Namespace) -> int:
                   f"`python -m kdbench table {flags}`", flush=True)
         if failed:
             print(f"kdbench: {len(failed)} run{'s' if len(failed) > 1 else ''} failed "
-                  "(stored with their errors; `kdbench status` shows them, re-running retries them):",
+                  "(`kdbench status` shows them with their errors; re-running retries them):",
                   file=sys.stderr)
             for result in failed:
                 print(f"  {result.spec.label()} ({result.spec.id}): {result.error}", file=sys.stderr)
     if not args.no_table and not submitted:
-        table_args = build_parser().parse_args(
-            ["table", "--results", str(args.results), "--settings", ",".join(grid.settings),
-             "--methods", ",".join(grid.methods), "--precision", grid.precision])
         print()
         try:
-            from kdbench.report import table_command
-
-            table_command(table_args)
+            print_grid_table(grid, store)
         except UserError as error:  # e.g. every run failed: nothing to tabulate
             print(f"kdbench: no table: {error}", file=sys.stderr)
     return 1 if failed else 0
@@ -339,6 +442,29 @@ def check_stale(args: argparse.Namespace, states: list, store) -> set[str]:
         print(f"kdbench: {count} stale record{'s' if count != 1 else ''} moved to {store.stale_dir}/",
               file=sys.stderr, flush=True)
     return ids
+
+
+def print_grid_table(grid, store) -> None:
+    """The table of this grid's runs alone: the results directory may hold other experiments
+    (other epochs, precisions, configs) that `kdbench table` would have to be told apart."""
+    from kdbench.aggregate import summarize
+    from kdbench.store import CorruptRecord
+    from kdbench.tables import Layout, render_markdown
+
+    records = []
+    for spec in grid.teachers() + grid.students():
+        try:
+            record = store.read(spec.id)
+        except CorruptRecord:
+            continue  # named at the start of the command
+        if record is not None:
+            records.append(record)
+    if not records:
+        raise UserError("no run of this grid is stored")
+    summary = summarize(records, settings=list(grid.settings), methods=list(grid.methods),
+                        precision=grid.precision)
+    sys.stdout.write(render_markdown(summary, Layout()))
+    sys.stdout.flush()
 
 
 def runs_on_gpu(args: argparse.Namespace) -> bool:
@@ -454,17 +580,33 @@ COMMANDS = {"run": command_run, "list": command_list, "status": command_status}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        if args.command == "table":
-            from kdbench.report import table_command
+    from kdbench.console import ascii_where_needed
+    from kdbench.interrupt import exit_code, signals_interrupt
 
-            return table_command(args, ["kdbench", *argv] if argv is not None else None)
-        return COMMANDS[args.command](args)
+    ascii_where_needed()
+    command = None
+    try:
+        # Ctrl-C and SIGTERM raise kdbench.interrupt.Interrupted (a KeyboardInterrupt): the local
+        # executor stops its workers on the way out.
+        with signals_interrupt():
+            args = build_parser().parse_args(argv)
+            command = args.command
+            if args.command == "table":
+                from kdbench.report import table_command
+
+                if args.out:
+                    check_could_create(Path(args.out), "table --out")
+                return table_command(args, ["kdbench", *argv] if argv is not None else None)
+            return COMMANDS[args.command](args)
     except UserError as error:
         print(f"kdbench: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("kdbench: interrupted; finished epochs are checkpointed: run the same command to resume",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        how = f" ({interrupt.args[0]})" if interrupt.args else ""
+        if command == "run":
+            again = shlex.join(sys.argv[1:] if argv is None else list(argv))
+            print(f"kdbench: interrupted{how}; every finished epoch is checkpointed: resume with "
+                  f"the same command (python -m kdbench {again})", file=sys.stderr)
+        else:
+            print(f"kdbench: interrupted{how}", file=sys.stderr)
+        return exit_code(interrupt)

@@ -14,6 +14,7 @@ import gzip
 import os
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -116,10 +117,12 @@ def load_dataset(name: str, data_dir: Path | None = None, train_subset: int | No
 
 
 def require(name: str, data_dir: Path | None = None, download: bool = True) -> None:
-    """Fail early, with one clear line, when a dataset's files cannot be had."""
+    """Fail early, with one clear line naming the file, when a dataset's files cannot be had
+    or cannot be read: every file is read once here, before any run starts, so a truncated or
+    damaged file is a user's error to fix (exit 2), not a failed record per run."""
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     if name in CIFAR_ARCHIVES:
-        url, md5, folder, train_files, test_files, _ = CIFAR_ARCHIVES[name]
+        url, md5, folder, train_files, test_files, label_key = CIFAR_ARCHIVES[name]
         needed = [data_dir / folder / file for file in train_files + test_files]
         if not all(path.exists() for path in needed) and download:
             try_download(url, md5, data_dir)
@@ -129,10 +132,10 @@ def require(name: str, data_dir: Path | None = None, download: bool = True) -> N
                 f"{name} not found: missing {missing[0]}; put torchvision's {url.rsplit('/', 1)[1]} "
                 f"extracted into {data_dir}, or {OFFLINE_HINT}"
             )
+        for path in needed:
+            read_cifar_batches([path], label_key)  # raises the one-line error naming the file
     elif name == "fashion_mnist":
-        if not any(all((d / f).exists() for f in FASHION_MNIST_FILES.values())
-                   for d in fashion_mnist_dirs(data_dir)):
-            load_fashion_mnist(data_dir)  # raises the one-line error
+        load_fashion_mnist(data_dir)  # reads every file: raises the one-line error naming it
     elif name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
 
@@ -164,10 +167,16 @@ def fashion_mnist_dirs(data_dir: Path) -> list[Path]:
 
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (LeCun's MNIST format): magic, dims as big-endian int32, then bytes."""
-    with gzip.open(path, "rb") as handle:
-        raw = handle.read()
+    try:
+        with gzip.open(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError, zlib.error) as error:  # BadGzipFile is an OSError
+        raise UserError(f"{path}: damaged or not gzip-compressed ({type(error).__name__}: {error}); "
+                        "download it again") from None
+    if len(raw) < 4:
+        raise UserError(f"{path}: not an IDX file ({len(raw)} bytes)")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype_code != 0x08:
+    if zero != 0 or dtype_code != 0x08 or len(raw) < 4 + 4 * ndim:
         raise UserError(f"{path}: not an unsigned-byte IDX file")
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
@@ -180,6 +189,12 @@ def load_fashion_mnist(data_dir: Path) -> Dataset:
     for directory in fashion_mnist_dirs(data_dir):
         if all((directory / file).exists() for file in FASHION_MNIST_FILES.values()):
             arrays = {key: read_idx(directory / file) for key, file in FASHION_MNIST_FILES.items()}
+            for split in ("train", "test"):
+                images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+                if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+                    raise UserError(f"{directory / FASHION_MNIST_FILES[split + '_images']} and its "
+                                    f"labels file do not match (images {images.shape}, labels "
+                                    f"{labels.shape})")
             return Dataset(
                 "fashion_mnist",
                 torch.from_numpy(arrays["train_images"].copy()).unsqueeze(1),
@@ -223,13 +238,16 @@ def try_download(url: str, md5: str, data_dir: Path) -> None:
 def read_cifar_batches(paths: list[Path], label_key: bytes) -> tuple[Tensor, Tensor]:
     images, labels = [], []
     for path in paths:
-        with open(path, "rb") as handle:
-            try:
+        try:
+            with open(path, "rb") as handle:
                 batch = pickle.load(handle, encoding="bytes")
-            except Exception as error:
-                raise UserError(f"{path}: not a CIFAR batch file ({error})") from None
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        except Exception as error:  # truncated, another file, another format
+            raise UserError(f"{path}: not a CIFAR batch file ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        if len(images[-1]) != len(labels[-1]):
+            raise UserError(f"{path}: {len(images[-1])} images but {len(labels[-1])} labels")
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdbench.spec import FP32, STUDENT, RunSpec, record_precision
+from kdbench.spec import FP32, STUDENT, TEACHER, RunSpec, record_precision
 from kdbench.staleness import CodeVersion, is_stale, stale_summary
-from kdbench.store import CorruptRecord, Store
+from kdbench.store import CorruptRecord, Store, sha256_file
 
 BASELINE = "vanilla"  # the "Student" row every table needs
 
@@ -54,23 +53,34 @@ def running_marker(store: Store, run_id: str):
 
 
 def is_running(store: Store, run_id: str) -> bool:
-    """A marker written by a live worker. On this host, a dead PID means it was killed."""
-    path = running_marker(store, run_id)
-    if not path.exists():
-        return False
-    try:
-        host, pid = path.read_text().split()[:2]
-    except (OSError, ValueError):
-        return False
-    if host != socket.gethostname():
-        return True  # another machine (a SLURM node): trust the marker
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
+    """Whether a worker trains the run now: its claim is held (kdbench.claims; on this host,
+    and on other nodes where the shared file system carries flock), or a marker written by a
+    worker on another host says so (a SLURM node: trusted, as its process cannot be seen from
+    here). A marker of this host whose claim is free was left by a killed worker."""
+    from kdbench.claims import held_elsewhere
+
+    if held_elsewhere(store, run_id):
         return True
-    return True
+    path = running_marker(store, run_id)
+    try:
+        host = path.read_text().split()[0]
+    except (OSError, IndexError, UnicodeDecodeError):
+        return False
+    return host != socket.gethostname()
+
+
+def teacher_weights_problem(record: dict[str, Any], store: Store) -> str | None:
+    """Why the weights of a finished teacher record cannot be used, or None when they can:
+    the file it names must exist and match the checksum it stored."""
+    weights = record.get("teacher_weights")
+    if not isinstance(weights, dict) or not {"path", "sha256"} <= weights.keys():
+        return "its record names no weights file"
+    path = store.root / weights["path"]
+    if not path.is_file():
+        return f"its weights file {path} is missing"
+    if sha256_file(path) != weights["sha256"]:
+        return f"its weights file {path} does not match the checksum in its record (changed or damaged)"
+    return None
 
 
 def state_of(spec: RunSpec, store: Store) -> RunState:
@@ -83,7 +93,16 @@ def state_of(spec: RunSpec, store: Store) -> RunState:
         # it is another experiment, so this one is still to run (and replaces that record).
         return RunState(spec, "missing", f"the stored record was made at {record_precision(record)}")
     if record is not None and record["status"] == "done":
-        return RunState(spec, "done", record=record)
+        problem = teacher_weights_problem(record, store) if spec.role == TEACHER else None
+        if problem is None:
+            return RunState(spec, "done", record=record)
+        if is_running(store, spec.id):
+            return RunState(spec, "running")
+        # Every student of this teacher would fail loading it: train it again (or register and
+        # evaluate the user's checkpoint again), as if its record were not there.
+        again = ("its checkpoint is registered and evaluated again" if spec.teacher_checkpoint
+                 else "it is retrained")
+        return RunState(spec, "missing", f"{problem}; {again}")
     if is_running(store, spec.id):
         return RunState(spec, "running")
     if record is not None:

@@ -2,7 +2,8 @@
 
 - ``inprocess``: one after the other in this process (tests; no start-up cost);
 - ``local`` (the default): subprocesses on this machine, ``jobs`` at a time, CPU threads split
-  between them;
+  between them, supervised (a dead worker fails its own run only; Ctrl-C and SIGTERM stop them
+  all);
 - ``slurm``: one job per teacher, then the students as one job array per teacher
   (``kdbench.slurm``, imported only when chosen: submitit is needed for SLURM alone).
 
@@ -13,8 +14,11 @@ same ``worker.run_job`` with plain-JSON RunSpecs, and returns one result per spe
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+import signal
+import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +26,7 @@ from typing import Any, Protocol
 from kdbench.errors import UserError
 from kdbench.progress import ProgressDisplay
 from kdbench.spec import RunSpec
+from kdbench.store import Store
 from kdbench.train import TrainOptions
 from kdbench.worker import run_job
 
@@ -92,16 +97,73 @@ class InProcessExecutor:
         return outcomes
 
 
-def _subprocess_job(spec_json: dict, results: str, options: dict, events) -> dict:
-    label = RunSpec.from_json(spec_json).label()
-    return run_job(spec_json, results, options, lambda event: events.put((label, event)))
+def threads_per_run(jobs: int, cores: int | None = None) -> int:
+    """CPU threads of each run of a local grid: the cores shared by the runs the command lets go
+    at once (``--jobs``). Decided by the command alone, never by how many runs remain to train:
+    on the CPU a run's numbers depend on its thread count (the order of its floating-point sums),
+    so a run retried alone must get the threads it had among the others. A resumed run keeps
+    the count of its checkpoint (kdbench.train)."""
+    return max(1, (cores or usable_cores()) // max(1, jobs))
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal, say
+        return f"signal {number}"
+
+
+def death_cause(exitcode: int | None) -> str:
+    """What a worker's exit code says about a death without a result."""
+    if exitcode is not None and exitcode < 0:
+        why = (" (what the out-of-memory killer sends: see `dmesg`, or give the run more memory)"
+               if -exitcode == signal.SIGKILL else "")
+        return f"worker process killed by {signal_name(-exitcode)}{why}"
+    if exitcode is not None and 128 < exitcode < 128 + signal.NSIG:
+        # A worker stopped by SIGTERM from elsewhere exits 128 + 15 (kdbench.interrupt).
+        return f"worker process stopped by {signal_name(exitcode - 128)}"
+    return f"worker process exited with code {exitcode} without a result"
+
+
+def _worker_main(spec_json: dict, results: str, options: dict, sender, launcher_pid: int) -> None:
+    """A worker process: one run, its progress and outcome sent back through ``sender``."""
+    from kdbench.console import ascii_where_needed
+    from kdbench.interrupt import Interrupted, become_worker
+
+    try:
+        become_worker(launcher_pid)
+        ascii_where_needed()
+        outcome = run_job(spec_json, results, options, lambda event: sender.send(("event", event)))
+        sender.send(("outcome", outcome))
+    except Interrupted as interrupt:  # stopped by the launcher, or the launcher died
+        sys.exit(interrupt.exit_code)
+
+
+@dataclass
+class Worker:
+    spec: RunSpec
+    process: Any  # multiprocessing's SpawnProcess
+    receiver: Any  # multiprocessing.connection.Connection
+    outcome: dict[str, Any] | None = None
 
 
 class LocalExecutor:
-    """Subprocesses on this machine, ``jobs`` runs at a time.
+    """Subprocesses on this machine, ``jobs`` runs at a time, supervised from here.
 
-    A fresh process per run (spawn, one task per child): a crash, a leak or a changed global
-    (threads, cuDNN flags) in one run cannot touch another, as on a cluster."""
+    A fresh process per run (spawn): a crash, a leak or a changed global (threads, cuDNN
+    flags) in one run cannot touch another, as on a cluster. Each worker sends its progress and
+    outcome through its own pipe; nothing else is shared (no Manager, no pool), so:
+
+    - a worker that dies without a result (SIGKILL from the out-of-memory killer, a segfault)
+      fails its own run, stored with the cause, and the others go on;
+    - Ctrl-C or SIGTERM stops every worker within seconds (SIGTERM; SIGKILL after STOP_GRACE_S),
+      starts nothing more, and leaves the finished epochs' checkpoints to resume from; a
+      worker whose launcher dies, even by SIGKILL, is stopped by the kernel (kdbench.interrupt);
+    - a run that another launch trains now (its claim is held, kdbench.claims) is started last,
+      and its worker waits for that launch and then finds it stored.
+    """
+
+    STOP_GRACE_S = 10.0
 
     def __init__(self, jobs: int = 1, display: ProgressDisplay | None = None) -> None:
         self.jobs = max(1, jobs)
@@ -109,29 +171,40 @@ class LocalExecutor:
 
     def run(self, teachers: list[RunSpec], students: list[RunSpec], results: Path,
             options: TrainOptions) -> list[Result]:
+        store = Store(Path(results))
+        payload = options_json(self._with_threads(options))
         context = multiprocessing.get_context("spawn")
-        manager = context.Manager()
-        events = manager.Queue()
+        queue = list(teachers) + list(students)
+        teacher_ids = {spec.id for spec in teachers}
+        teacher_outcomes: dict[str, dict[str, Any]] = {}
         outcomes: list[Result] = []
-        failed_teachers: dict[str, str] = {}
+        workers: list[Worker] = []
         try:
-            with ProcessPoolExecutor(self.jobs, mp_context=context, max_tasks_per_child=1) as pool:
-                for phase in (teachers, students):
-                    pending: dict[Future, RunSpec] = {}
-                    phase_options = self._split_threads(options, len(phase))
-                    for spec in phase:
-                        blocked = teacher_failed(spec, failed_teachers)
-                        if blocked:
-                            outcomes.append(blocked)
-                            continue
-                        pending[pool.submit(_subprocess_job, spec.to_json(), str(results),
-                                            options_json(phase_options), events)] = spec
-                    outcomes += self._collect(pending, events, failed_teachers, phase is teachers)
-        finally:
-            manager.shutdown()
+            while queue or workers:
+                while len(workers) < self.jobs:
+                    spec = self._next(queue, teacher_ids, teacher_outcomes, store, outcomes)
+                    if spec is None:
+                        break
+                    workers.append(self._start(context, spec, results, payload))
+                if not workers:
+                    if queue:
+                        raise RuntimeError(f"runs that can never start: {[spec.label() for spec in queue]}")
+                    break
+                ready = multiprocessing.connection.wait([worker.receiver for worker in workers], timeout=1.0)
+                for worker in [worker for worker in workers if worker.receiver in ready]:
+                    if not self._read(worker):
+                        continue
+                    workers.remove(worker)
+                    outcome = self._end(worker, store)
+                    if worker.spec.id in teacher_ids:
+                        teacher_outcomes[worker.spec.id] = outcome
+                    outcomes.append(Result(worker.spec, outcome["status"], outcome.get("error")))
+        except BaseException:  # Ctrl-C, SIGTERM (kdbench.interrupt), or a bug here
+            self._stop(workers)
+            raise
         return outcomes
 
-    def _split_threads(self, options: TrainOptions, runs: int) -> TrainOptions:
+    def _with_threads(self, options: TrainOptions) -> TrainOptions:
         """On the CPU, give each of the runs in flight an equal share of the cores: small
         networks scale poorly across threads, so N runs × (cores / N) threads keep every core
         busy with less synchronisation than one run on all of them."""
@@ -141,41 +214,93 @@ class LocalExecutor:
 
         if torch.cuda.is_available() and options.device is None:
             return options
-        in_flight = max(1, min(self.jobs, runs))
-        return TrainOptions(**{**asdict(options), "threads": max(1, usable_cores() // in_flight)})
+        return TrainOptions(**{**asdict(options), "threads": threads_per_run(self.jobs)})
 
-    def _collect(self, pending: dict[Future, RunSpec], events, failed_teachers: dict[str, str],
-                 are_teachers: bool) -> list[Result]:
-        outcomes = []
-        started: set[str] = set()
-        while pending:
-            done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            self._drain(events, started)
-            for future in done:
-                spec = pending.pop(future)
-                try:
-                    outcome = future.result()
-                except Exception as error:  # the process died (killed, out of memory, segfault)
-                    outcome = {"status": "failed", "error": f"worker process died: {type(error).__name__}: {error}"}
-                if outcome["status"] != "done" and are_teachers:
-                    failed_teachers[spec.id] = outcome["error"]
-                if self.display:
-                    self.display.finish(spec.label(), outcome["status"], finish_detail(outcome))
-                outcomes.append(Result(spec, outcome["status"], outcome.get("error")))
-        self._drain(events, started)
-        return outcomes
+    def _next(self, queue: list[RunSpec], teacher_ids: set[str], teacher_outcomes: dict[str, dict],
+              store: Store, outcomes: list[Result]) -> RunSpec | None:
+        """Take the next run to start off the queue, or None when none can start now. A student
+        starts after its teacher succeeded; when it failed, the student fails without starting.
+        Runs that another launch trains now come last."""
+        from kdbench.claims import held_elsewhere
 
-    def _drain(self, events, started: set[str]) -> None:
-        while True:
-            try:
-                label, event = events.get_nowait()
-            except Exception:  # queue.Empty through the manager proxy
-                return
-            if self.display:
-                if label not in started:
-                    started.add(label)
-                    self.display.start(label)
-                self.display.event(label, event)
+        startable = []
+        for spec in list(queue):
+            teacher_id = spec.teacher_spec().id
+            if spec.id not in teacher_ids and teacher_id in teacher_ids:
+                teacher = teacher_outcomes.get(teacher_id)
+                if teacher is None:
+                    continue  # its teacher is still queued or training
+                if teacher["status"] != "done":
+                    queue.remove(spec)
+                    blocked = Result(spec, "failed", f"its teacher failed: {teacher['error']}")
+                    outcomes.append(blocked)
+                    if self.display:
+                        self.display.finish(spec.label(), "failed", blocked.error)
+                    continue
+            startable.append(spec)
+        if not startable:
+            return None
+        chosen = next((spec for spec in startable if not held_elsewhere(store, spec.id)), startable[0])
+        queue.remove(chosen)
+        return chosen
+
+    def _start(self, context, spec: RunSpec, results: Path, payload: dict[str, Any]) -> Worker:
+        from kdbench.interrupt import sigint_blocked
+
+        receiver, sender = context.Pipe(duplex=False)
+        process = context.Process(target=_worker_main, name=f"kdbench {spec.label()}",
+                                  args=(spec.to_json(), str(results), payload, sender, os.getpid()))
+        with sigint_blocked():
+            process.start()
+        sender.close()  # the worker holds the other copy: EOF on the pipe means it ended
+        if self.display:
+            self.display.start(spec.label())
+        return Worker(spec, process, receiver)
+
+    def _read(self, worker: Worker) -> bool:
+        """Take in what the worker sent; True once it has ended (its pipe is closed)."""
+        try:
+            while worker.receiver.poll():
+                kind, payload = worker.receiver.recv()
+                if kind == "outcome":
+                    worker.outcome = payload
+                elif self.display:
+                    self.display.event(worker.spec.label(), payload)
+        except (EOFError, OSError):
+            return True
+        except Exception:  # a message cut off by the worker's death
+            return True
+        return False
+
+    def _end(self, worker: Worker, store: Store) -> dict[str, Any]:
+        from kdbench.worker import record_death
+
+        worker.process.join()
+        worker.receiver.close()
+        outcome = worker.outcome
+        if outcome is None:
+            outcome = record_death(worker.spec, store, death_cause(worker.process.exitcode))
+        if self.display:
+            self.display.finish(worker.spec.label(), outcome["status"], finish_detail(outcome))
+        return outcome
+
+    def _stop(self, workers: list[Worker]) -> None:
+        """SIGTERM to every worker, then SIGKILL to any still there after STOP_GRACE_S; ignoring
+        another Ctrl-C meanwhile, which would leave them half-stopped."""
+        from kdbench.interrupt import signals_ignored
+
+        with signals_ignored():
+            for worker in workers:
+                if worker.process.is_alive():
+                    worker.process.terminate()
+            deadline = time.monotonic() + self.STOP_GRACE_S
+            for worker in workers:
+                worker.process.join(max(0.0, deadline - time.monotonic()))
+            for worker in workers:
+                if worker.process.is_alive():
+                    worker.process.kill()
+                    worker.process.join()
+                worker.receiver.close()
 
 
 EXECUTORS = ("local", "inprocess", "slurm")

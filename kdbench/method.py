@@ -21,6 +21,7 @@ The engine (``kdbench.train``) calls, in order:
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Mapping
@@ -141,8 +142,64 @@ class PretrainStage:
 
 
 @dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric config field, declared with ``bounded``: ``low``/``high``
+    (None: unbounded), each included unless ``low_open``/``high_open``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def problem(self, value: float) -> str | None:
+        """What is wrong with ``value``, or None when it lies in the range."""
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return f"must be {'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return f"must be {'<' if self.high_open else '<='} {self.high:g}"
+        return None
+
+
+POSITIVE = Range(low=0, low_open=True)
+NON_NEGATIVE = Range(low=0)
+
+
+def bounded(default: Any, valid: Range) -> Any:
+    """A config field with a valid range, checked when a config is made (``--set``, JSON):
+    ``temperature: float = bounded(4.0, POSITIVE)``."""
+    return field(default=default, metadata={"valid": valid})
+
+
+def field_problem(config_class: type["MethodConfig"], key: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for field ``key``: every number must be finite, and lie in
+    the field's declared Range if it has one. None when it is fine."""
+    numbers = [value] if isinstance(value, (int, float)) else (
+        list(value) if isinstance(value, (tuple, list)) else [])
+    for number in numbers:
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            continue
+        if not math.isfinite(number):
+            return f"must be a finite number, got {number}"
+        valid = next(f.metadata.get("valid") for f in dataclasses.fields(config_class) if f.name == key)
+        wrong = valid.problem(number) if valid is not None else None
+        if wrong:
+            return f"{wrong}, got {number}"
+    return None
+
+
+@dataclass(frozen=True)
 class MethodConfig:
-    """Base of every method's frozen config. Fields must be JSON scalars or lists of them."""
+    """Base of every method's frozen config. Fields must be JSON scalars or lists of them.
+
+    Every numeric field must be finite; a field declared with ``bounded`` must lie in its
+    range. A subclass with its own ``__post_init__`` calls ``super().__post_init__()``."""
+
+    def __post_init__(self) -> None:
+        prefix = getattr(type(self), "method_name", None) or type(self).__name__
+        for item in dataclasses.fields(self):
+            wrong = field_problem(type(self), item.name, getattr(self, item.name))
+            if wrong:
+                raise ValueError(f"{prefix}.{item.name} {wrong}")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -270,10 +327,23 @@ def metadata_problems(method_class: type) -> list[str]:
     return problems
 
 
-def parse_config_value(config_class: type[MethodConfig], key: str, raw: str) -> Any:
-    """Parse ``raw`` (from ``--set method.key=raw``) to the field's declared type.
+class InvalidValue(ValueError):
+    """A value of the right type outside what its field allows (not finite, out of range)."""
 
-    Raises KeyError for an unknown field and ValueError for a value of the wrong type."""
+
+def parse_config_value(config_class: type[MethodConfig], key: str, raw: str) -> Any:
+    """Parse ``raw`` (from ``--set method.key=raw``) to the field's declared type and check it.
+
+    Raises KeyError for an unknown field, ValueError for a value of the wrong type and
+    InvalidValue for one outside the field's valid values (``field_problem``)."""
+    value = _parse_typed(config_class, key, raw)
+    wrong = field_problem(config_class, key, value)
+    if wrong:
+        raise InvalidValue(wrong)
+    return value
+
+
+def _parse_typed(config_class: type[MethodConfig], key: str, raw: str) -> Any:
     types = config_class.field_types()
     if key not in types:
         raise KeyError(key)
@@ -288,9 +358,10 @@ def parse_config_value(config_class: type[MethodConfig], key: str, raw: str) -> 
         raise ValueError(f"expected true/false, got {raw!r}")
     if wanted in (int, float):
         try:
-            return wanted(raw)
+            value = wanted(raw)
         except ValueError:
             raise ValueError(f"expected {'an int' if wanted is int else 'a float'}, got {raw!r}") from None
+        return value
     if wanted is str:
         return raw
     if origin in (tuple, list):

@@ -32,6 +32,10 @@ class ProgressDisplay:
         if kind == "step":
             self.active[run] = (f"{stage}epoch {event['epoch']}/{event['epochs']} "
                                 f"step {event['step']}/{event['steps']}")
+        elif kind == "waiting":  # kdbench.worker: the run's claim is held by another launch
+            self.active[run] = "waiting: another launch is training it"
+            if not self.live:
+                self._print(f"  {run}: waiting: another launch is training it")
         elif kind == "epoch":
             accuracy = f" test top-1 {event['top1']:.2f}%" if "top1" in event else ""
             line = f"{stage}epoch {event['epoch']}/{event['epochs']} loss {event['loss']:.4f}{accuracy}"

@@ -68,7 +68,9 @@ def get(name: str) -> type[Method]:
     registration = found[0]
     try:
         loaded = EntryPoint(name, registration.target, GROUP).load()
-    except Exception as error:  # any import-time error of a plugin is the plugin's, not ours
+    # Any import-time error of a plugin is the plugin's, not ours; sys.exit() at import too (a
+    # SystemExit would end kdbench with the plugin's message and no word of which plugin).
+    except (Exception, SystemExit) as error:
         raise BrokenPlugin(
             f"method {name!r} ({registration.target}, from {registration.distribution}) "
             f"failed to import: {type(error).__name__}: {error}"

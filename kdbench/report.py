@@ -145,6 +145,7 @@ def table_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -
     layout = Layout(delta=getattr(args, "delta", False), ci=getattr(args, "ci", False),
                     published=compare)
     power = power_analysis(summary, gap) if want_power else None
+    corrupt = store.corrupt_records()
     if out is None:
         fmt = formats[0]
         if fmt == "markdown":
@@ -154,8 +155,10 @@ def table_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -
                              else render_csv(summary))
             if power is not None:
                 sys.stdout.write("\n" + render_power_markdown(power, summary) + "\n")
+        for _, reason in corrupt:  # on stderr: the table on stdout stays clean to redirect
+            print(f"warning: skipped {reason}", file=sys.stderr)
         return 0
-    corrupt = store.corrupt_files()
+    corrupt = [path for path, _ in corrupt]
     provenance = Provenance(
         command=command_line(sys.argv if argv is None else argv),
         commit=kdbench_revision(),
@@ -170,8 +173,8 @@ def table_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -
         print(render_power_markdown(power, summary))
     for note in summary.notes:
         print(f"note: {note}", file=sys.stderr)
-    for path in corrupt:
-        print(f"warning: skipped unreadable record {path}", file=sys.stderr)
+    for _, reason in store.corrupt_records():
+        print(f"warning: skipped {reason}", file=sys.stderr)
     return 0
 
 
@@ -339,7 +342,7 @@ def write_tables(summary: Summary, layout: Layout, out: Path, formats: Sequence[
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(rendered[name])
         written.append(path)
-    note.write_text(render_provenance(summary, provenance, [p.name for p in written]))
+    note.write_text(render_provenance(summary, provenance, [p.name for p in written]), encoding="utf-8")
     written.append(note)
     return written
 

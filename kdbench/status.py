@@ -159,10 +159,15 @@ def print_status(args: argparse.Namespace) -> int:
     for state in states:
         if state.state == "failed":
             print(f"failed: {state.spec.label()} ({state.spec.id}): {error_line(state)}")
+        elif state.state == "missing" and state.error:  # e.g. a teacher whose weights went missing
+            print(f"missing: {state.spec.label()} ({state.spec.id}): {state.error}")
     for line in stale_lines(stale):
         print(f"stale: {line}; `kdbench run` retrains them with --retrain-stale, keeps them with --keep-stale")
-    for path in store.corrupt_files():
-        print(f"unreadable record (will be redone): {path}")
+    for path, reason in store.corrupt_records():
+        if reason.startswith(f"{path}: not a readable"):
+            print(f"unreadable record (will be redone): {path}")
+        else:  # the message names the file
+            print(f"skipped: {reason}")
     if note:
         print(f"note: {note}")
     return 0

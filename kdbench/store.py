@@ -58,14 +58,25 @@ def sha256_file(path: Path) -> str:
 
 
 class CorruptRecord(Exception):
-    """A file in runs/ that is not a readable record (truncated write, foreign file)."""
+    """A file in runs/ that is not a record to count: unreadable (a truncated write, a foreign
+    file), of the wrong schema, or the record of another run (copied under another name)."""
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` so that readers see the old file or the new one, never a half file."""
+    """Write ``data`` so that readers see the old file or the new one, never a half file.
+
+    The file gets the permissions any new file would (0666 less the umask): mkstemp makes
+    its file 0600, which would hide results from the rest of a group sharing them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -156,22 +167,57 @@ class Store:
                 continue
 
     def corrupt_files(self) -> list[Path]:
+        return [path for path, _ in self.corrupt_records()]
+
+    def corrupt_records(self) -> list[tuple[Path, str]]:
+        """Every file in runs/ that is not counted, with why (CorruptRecord's message)."""
         bad = []
         for path in sorted(self.runs_dir.glob("*.json")):
             try:
                 read_record(path)
-            except CorruptRecord:
-                bad.append(path)
+            except CorruptRecord as error:
+                bad.append((path, str(error)))
         return bad
 
 
+# Types of the fields a reader relies on; None is allowed where a failed record has nothing.
+RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (str,), "status": (str,), "spec": (dict,), "setting": (dict, str, type(None)),
+    "metrics": (dict, type(None)), "history": (list,), "error": (dict, type(None)),
+    "provenance": (dict,), "teacher_weights": (dict,),
+}
+STATUSES = ("done", "failed")
+
+
 def read_record(path: Path) -> dict[str, Any]:
+    """The record in ``path``. Raises CorruptRecord (naming the file and the problem) for a
+    file that does not parse, a record of the wrong schema, or one whose id is not the file's
+    name: a record copied under another name would count its run twice."""
+    from kdbench.spec import RunSpec
+
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CorruptRecord(f"{path}: not a readable kdbench record ({error})") from None
     if not isinstance(record, dict) or not {"id", "status", "spec"} <= record.keys():
         raise CorruptRecord(f"{path}: not a kdbench record (missing id/status/spec)")
+    for key, types in RECORD_FIELDS.items():
+        if key in record and not isinstance(record[key], types):
+            raise CorruptRecord(f"{path}: not a kdbench record ({key} is a "
+                                f"{type(record[key]).__name__})")
+    if record["status"] not in STATUSES:
+        raise CorruptRecord(f"{path}: not a kdbench record (status {record['status']!r})")
+    try:
+        spec = RunSpec.from_json(record["spec"])
+    except (TypeError, ValueError) as error:
+        raise CorruptRecord(f"{path}: not a kdbench record (its spec: {error})") from None
+    if not (isinstance(spec.setting, str) and isinstance(spec.method, str)
+            and isinstance(spec.seed, int) and spec.role in ("student", "teacher")
+            and isinstance(spec.config, dict) and isinstance(spec.overrides, dict)):
+        raise CorruptRecord(f"{path}: not a kdbench record (its spec has fields of the wrong type)")
+    if record["id"] != path.stem:
+        raise CorruptRecord(f"{path}: holds the record of run {record['id']}, not of {path.stem} "
+                            "(copied under another name?); not counted")
     return record
 
 

@@ -2,17 +2,17 @@
 method and seed; or a user's own state_dict (``--teacher-checkpoint``).
 
 Two launches on one results directory (or many SLURM array tasks) never train the same
-teacher at once: the first takes a file lock and trains, the others wait on the lock and then
-find the finished teacher.
+teacher at once: the first takes the run's claim (kdbench.claims) and trains, the others wait
+on it and then find the finished teacher. A teacher whose weights file went missing or changed
+is not ready (``kdbench.grid.teacher_weights_problem``): it is trained again, or a user's
+checkpoint registered and evaluated again.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import io
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,18 +25,6 @@ from kdbench.spec import RunSpec
 from kdbench.store import Store, sha256_file, write_atomically
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock across processes (flock: released by the kernel if we are killed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def save_teacher_weights(model: nn.Module, spec: RunSpec, store: Store) -> dict[str, str]:
     buffer = io.BytesIO()
     torch.save({name: tensor.cpu() for name, tensor in model.state_dict().items()}, buffer)
@@ -47,14 +35,14 @@ def save_teacher_weights(model: nn.Module, spec: RunSpec, store: Store) -> dict[
 
 def teacher_ready(spec: RunSpec, store: Store) -> bool:
     """A finished teacher record whose weights exist and match their checksum."""
+    from kdbench.grid import teacher_weights_problem
+
     try:
         record = store.read(spec.id)
     except Exception:
         return False
-    if record is None or record.get("status") != "done" or "teacher_weights" not in record:
-        return False
-    path = store.root / record["teacher_weights"]["path"]
-    return path.exists() and sha256_file(path) == record["teacher_weights"]["sha256"]
+    return (record is not None and record.get("status") == "done"
+            and teacher_weights_problem(record, store) is None)
 
 
 def load_state_dict_for(path: Path, arch: str, dataset: Dataset) -> dict[str, Any]:
@@ -99,6 +87,8 @@ def register_checkpoint(path: Path, setting: Setting, store: Store, teacher_seed
     from kdbench.spec import TEACHER, TEACHER_METHOD
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"teacher checkpoint {path} is a directory, not a state_dict file")
     if not path.is_file():
         raise UserError(f"teacher checkpoint {path} does not exist")
     checksum = sha256_file(path)
@@ -108,9 +98,11 @@ def register_checkpoint(path: Path, setting: Setting, store: Store, teacher_seed
     state = load_state_dict_for(path, setting.teacher, shape_only)
     spec = RunSpec(setting.name, TEACHER_METHOD, teacher_seed, TEACHER, teacher_checkpoint=checksum)
     target = store.teacher_path(spec.id)
-    if not target.exists():
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    # Written again when it went missing or was damaged since (the teacher record's checksum
+    # then no longer matches, and the record is made again from this file).
+    if not target.is_file() or target.read_bytes() != buffer.getvalue():
         write_atomically(target, buffer.getvalue())
     return checksum
 

@@ -222,9 +222,17 @@ def evaluate(model: nn.Module, stream: BatchStream, autocast: contextlib.Abstrac
     return 100.0 * correct1.item() / total, 100.0 * correct5.item() / total
 
 
+# What checkpoint_here saves, and a resume reads. "threads" came later: a checkpoint without it
+# resumes with the run's own thread count.
+CHECKPOINT_KEYS = frozenset({"run_id", "stage_index", "epoch", "student", "method", "optimizer",
+                             "scheduler", "stream", "rng", "history", "trained_seconds",
+                             "images_seen"})
+
+
 def load_checkpoint(path: Path, run_id: str) -> dict[str, Any] | None:
     """The checkpoint of run ``run_id``, or None (with a warning) when the file at ``path``
-    belongs to another run or cannot be read: then the run starts over; nothing else is hurt."""
+    belongs to another run, cannot be read or lacks what a resume needs: then the run starts
+    over; nothing else is hurt."""
     if not path.exists():
         return None
     try:
@@ -235,6 +243,11 @@ def load_checkpoint(path: Path, run_id: str) -> dict[str, Any] | None:
         return None
     if not isinstance(state, dict) or state.get("run_id") != run_id:
         print(f"warning: ignoring checkpoint {path}: it belongs to another run; starting over", flush=True)
+        return None
+    missing = sorted(CHECKPOINT_KEYS - state.keys())
+    if missing:
+        print(f"warning: ignoring checkpoint {path}: it lacks {', '.join(missing)}; starting over",
+              flush=True)
         return None
     return state
 
@@ -317,6 +330,10 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
     history: list[dict[str, Any]] = []
     start_stage, start_epoch = 0, 0
     if checkpoint is not None:
+        # The thread count it was made with: on the CPU the numbers depend on it (the order of
+        # floating-point sums), and a resumed run must end as the uninterrupted one would.
+        if checkpoint.get("threads"):
+            torch.set_num_threads(checkpoint["threads"])
         student.load_state_dict(checkpoint["student"])
         method.load_state_dict(checkpoint["method"])
         history = checkpoint["history"]
@@ -338,6 +355,7 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
             "stream": stream.state_dict(), "rng": rng_state(), "history": history,
             "trained_seconds": trained_seconds, "images_seen": images_seen,
             **kept.checkpoint_state(),
+            "threads": torch.get_num_threads(),
         })
 
     # ---- stages ----------------------------------------------------------------------------

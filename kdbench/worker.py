@@ -1,9 +1,11 @@
-"""One run in one process: train it (teachers under a lock), store its record, done or failed.
+"""One run in one process: train it (under the run's claim), store its record, done or failed.
 
 This is the function every executor runs — in this process, in a local subprocess, or as a
 SLURM array task. It takes and returns plain JSON, never models or classes. A run that raises
 (or whose loss becomes non-finite) is stored as failed with its error and traceback, so the
-rest of the grid goes on and a re-run retries exactly the failed runs.
+rest of the grid goes on and a re-run retries exactly the failed runs. A worker that dies
+without a word (SIGKILL from the out-of-memory killer, a segfault) cannot store its failure:
+its executor does, with ``record_death``.
 """
 
 from __future__ import annotations
@@ -34,12 +36,55 @@ def failed_record(spec: RunSpec, error: BaseException, extra: dict[str, Any] | N
     }
 
 
+class WorkerDied(RuntimeError):
+    """A worker process ended without a result: killed by a signal, or exited early."""
+
+
+def record_death(spec: RunSpec, store: Store, cause: str) -> dict[str, Any]:
+    """Store the failure of a run whose worker died (``cause`` says how), unless the worker
+    stored its record before it died, or another process has taken the run up meanwhile.
+    Returns the outcome run_job would have returned."""
+    from kdbench.claims import try_claim
+
+    with try_claim(store, spec.id) as free:
+        if free and stored_already(spec, store):
+            return {"id": spec.id, "status": "done", "error": None}
+        if free:
+            store.write(failed_record(spec, WorkerDied(cause)))
+            running_marker(store, spec.id).unlink(missing_ok=True)
+    return {"id": spec.id, "status": "failed", "error": f"{WorkerDied.__name__}: {cause}"}
+
+
+def remove_leftovers(store: Store, run_id: str) -> None:
+    """The temporary files of writes that a kill interrupted (write_atomically's mkstemp names
+    them ``.<file name>.<random>.tmp``). Only the holder of the run's claim writes its files, so
+    under the claim every such file of this run is a leftover."""
+    for folder, name in ((store.checkpoints_dir, store.checkpoint_path(run_id).name),
+                         (store.runs_dir, store.record_path(run_id).name),
+                         (store.teachers_dir, store.teacher_path(run_id).name)):
+        for leftover in folder.glob(f".{name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+
+def stored_already(spec: RunSpec, store: Store) -> bool:
+    from kdbench.teachers import teacher_ready
+
+    return teacher_ready(spec, store) if spec.role == TEACHER else store.is_done(spec.id)
+
+
 def run_job(spec_json: dict[str, Any], results: str, options_json: dict[str, Any] | None = None,
             on_progress: ProgressCallback | None = None, raise_on_failure: bool = False) -> dict[str, Any]:
-    """Run one spec unless its result is stored. Returns {id, status, error}."""
+    """Run one spec unless its result is stored. Returns {id, status, error}.
+
+    The run's claim (kdbench.claims) is held throughout: a run in progress in another process
+    is waited for (an event ``{"event": "waiting"}`` says so), then found stored or, when that
+    process was killed, resumed from its checkpoint here."""
     import os
 
-    from kdbench.teachers import file_lock, record_for_checkpoint, teacher_ready
+    import torch
+
+    from kdbench.claims import claim
+    from kdbench.teachers import record_for_checkpoint
 
     spec = RunSpec.from_json(spec_json)
     store = Store(Path(results))
@@ -49,31 +94,28 @@ def run_job(spec_json: dict[str, Any], results: str, options_json: dict[str, Any
     known = {field.name for field in fields(TrainOptions)}
     options = TrainOptions(**{**{key: value for key, value in given.items() if key in known},
                               "data_dir": Path(given["data_dir"]) if given.get("data_dir") else None})
-    marker = running_marker(store, spec.id)
-    write_atomically(marker, f"{socket.gethostname()} {os.getpid()}\n".encode())
-    try:
-        if spec.role == TEACHER:
-            # One trainer per teacher across processes and machines; the others wait here and
-            # then find it trained.
-            with file_lock(store.locks_dir / f"{spec.id}.lock"):
-                if teacher_ready(spec, store):
-                    return {"id": spec.id, "status": "done", "error": None, "skipped": True}
-                if spec.teacher_checkpoint:
-                    record = record_for_checkpoint(spec, store, options)
-                else:
-                    record = train(spec, store, options, on_progress)
-                store.write(record)
-        else:
-            if store.is_done(spec.id):
-                return {"id": spec.id, "status": "done", "error": None, "skipped": True}
-            record = train(spec, store, options, on_progress)
+    report = on_progress or (lambda event: None)
+    with claim(store, spec.id, on_wait=lambda: report({"event": "waiting"})):
+        remove_leftovers(store, spec.id)
+        if stored_already(spec, store):
+            store.checkpoint_path(spec.id).unlink(missing_ok=True)  # a kill came after the record
+            return {"id": spec.id, "status": "done", "error": None, "skipped": True}
+        marker = running_marker(store, spec.id)
+        write_atomically(marker, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        threads = torch.get_num_threads()  # train() sets the run's; the next run in this process has its own
+        try:
+            if spec.role == TEACHER and spec.teacher_checkpoint:
+                record = record_for_checkpoint(spec, store, options)
+            else:
+                record = train(spec, store, options, on_progress)
             store.write(record)
-        store.checkpoint_path(spec.id).unlink(missing_ok=True)  # the record is the result now
-        return {"id": spec.id, "status": "done", "error": None}
-    except Exception as error:
-        store.write(failed_record(spec, error))
-        if raise_on_failure:
-            raise
-        return {"id": spec.id, "status": "failed", "error": f"{type(error).__name__}: {error}"}
-    finally:
-        marker.unlink(missing_ok=True)
+            store.checkpoint_path(spec.id).unlink(missing_ok=True)  # the record is the result now
+            return {"id": spec.id, "status": "done", "error": None}
+        except Exception as error:
+            store.write(failed_record(spec, error))
+            if raise_on_failure:
+                raise
+            return {"id": spec.id, "status": "failed", "error": f"{type(error).__name__}: {error}"}
+        finally:
+            torch.set_num_threads(threads)
+            marker.unlink(missing_ok=True)

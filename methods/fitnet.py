@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from kdbench.method import (
     FIDELITY_PAPER,
+    NON_NEGATIVE,
+    POSITIVE,
     STAGES,
     Batch,
     FeatureShapes,
@@ -35,6 +37,7 @@ from kdbench.method import (
     MethodConfig,
     PretrainStage,
     Progress,
+    bounded,
 )
 from methods.kd import KDConfig, kd_loss
 
@@ -101,11 +104,12 @@ class FitNetConfig(MethodConfig):
     regressor_relu: str = "match"
     # Stage 2 is KD (Hinton et al.) with the suite's KD defaults (methods/kd.py cites them), so
     # that the FitNet row differs from the KD row only by the hint initialisation.
-    temperature: float = KDConfig.temperature
-    alpha: float = KDConfig.alpha
-    gamma: float = KDConfig.gamma
+    temperature: float = bounded(KDConfig.temperature, POSITIVE)
+    alpha: float = bounded(KDConfig.alpha, NON_NEGATIVE)
+    gamma: float = bounded(KDConfig.gamma, NON_NEGATIVE)
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # finite numbers, declared ranges (kdbench.method)
         if self.stages not in (1, 2):
             raise ValueError(f"fitnet.stages must be 1 or 2, got {self.stages}")
         if self.regressor_relu not in REGRESSOR_RELU:

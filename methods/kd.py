@@ -18,7 +18,17 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.method import FIDELITY_PAPER, Batch, Features, Method, MethodConfig, Progress
+from kdbench.method import (
+    FIDELITY_PAPER,
+    NON_NEGATIVE,
+    POSITIVE,
+    Batch,
+    Features,
+    Method,
+    MethodConfig,
+    Progress,
+    bounded,
+)
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -52,17 +62,19 @@ def standardize_logits(logits: Tensor) -> Tensor:
 class KDConfig(MethodConfig):
     # RepDistiller's CIFAR-100 command (`--kd_T 4 -r 0.1 -a 0.9`) and mdistiller's
     # configs (KD.TEMPERATURE 4, LOSS.CE_WEIGHT 0.1, LOSS.KD_WEIGHT 0.9) agree on all three.
-    temperature: float = 4.0
-    alpha: float = 0.9  # weight of the soft (KL) term
-    gamma: float = 0.1  # weight of cross-entropy on the labels
+    # T divides the logits (softmax(z/T), paper section 2): it must be > 0. Weights below 0
+    # would ascend their term.
+    temperature: float = bounded(4.0, POSITIVE)
+    alpha: float = bounded(0.9, NON_NEGATIVE)  # weight of the soft (KL) term
+    gamma: float = bounded(0.1, NON_NEGATIVE)  # weight of cross-entropy on the labels
     # Logit standardisation (module docstring). With it, the base temperature and the KD weight
     # below replace ``temperature`` and ``alpha``: the authors' README command for KD + LS on
     # CIFAR-100 (`--logit-stand --base-temp 2 --kd-weight 9`, which their tools/train.py applies
     # as KD.TEMPERATURE = 2, KD.LOSS.KD_WEIGHT = 9; CE weight stays 0.1). Their logs use a base
     # temperature of 3 for some pairs (vgg13→vgg8): set ``standardized_temperature`` for those.
     logit_standardization: bool = False
-    standardized_temperature: float = 2.0
-    standardized_alpha: float = 9.0
+    standardized_temperature: float = bounded(2.0, POSITIVE)
+    standardized_alpha: float = bounded(9.0, NON_NEGATIVE)
 
 
 class KD(Method):
