@@ -49,6 +49,7 @@ from kdbench.method import (
     Features,
     Method,
     MethodConfig,
+    Range,
     PretrainStage,
     Progress,
     iter_parameters,
@@ -150,6 +151,16 @@ class ComposedConfig(MethodConfig):
     def field_types(cls) -> dict[str, type]:
         return {f"{name}.{key}": kind for name, method_class in zip(cls.names(), cls.part_classes)
                 for key, kind in method_class.Config.field_types().items()}
+
+    @classmethod
+    def valid_range(cls, key: str) -> Range | None:
+        """``part.field``'s Range is the part's own (``--set crd+kd.kd.temperature=0`` is
+        refused as ``--set kd.temperature=0`` is)."""
+        name, _, field_name = key.partition(".")
+        for part_name, method_class in zip(cls.names(), cls.part_classes):
+            if part_name == name:
+                return method_class.Config.valid_range(field_name)
+        return None
 
 
 def _has_own_backward(method_class: type[Method]) -> bool:

@@ -180,7 +180,7 @@ def field_problem(config_class: type["MethodConfig"], key: str, value: Any) -> s
             continue
         if not math.isfinite(number):
             return f"must be a finite number, got {number}"
-        valid = next(f.metadata.get("valid") for f in dataclasses.fields(config_class) if f.name == key)
+        valid = config_class.valid_range(key)
         wrong = valid.problem(number) if valid is not None else None
         if wrong:
             return f"{wrong}, got {number}"
@@ -221,6 +221,11 @@ class MethodConfig:
     def field_types(cls) -> dict[str, type]:
         hints = typing.get_type_hints(cls)
         return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def valid_range(cls, key: str) -> "Range | None":
+        """The Range field ``key`` was declared with (``bounded``), None if it has none."""
+        return next((f.metadata.get("valid") for f in dataclasses.fields(cls) if f.name == key), None)
 
 
 class Method(nn.Module):

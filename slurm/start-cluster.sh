@@ -230,6 +230,10 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=6819
 JobAcctGatherType=jobacct_gather/linux
+# A cancelled step gets SIGTERM, which submitit's task ignores (it checkpoints on USR2), then
+# SIGKILL after KillWait: 5 s instead of 30, so a scancel in the tests ends the task promptly
+# rather than letting a short run finish during the wait.
+KillWait=5
 # Short scheduler intervals so tests do not wait for the default cycles.
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=5,bf_interval=5

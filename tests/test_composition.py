@@ -116,6 +116,9 @@ def test_bad_settings_are_one_line_user_errors() -> None:
     # KD's γ is its CE weight, which a composition with KD added does not use.
     with pytest.raises(UserError, match="cross-entropy weight is not used"):
         parse_assignments(["crd+kd.kd.gamma=0.5"], ["crd+kd"])
+    # A part's field keeps the range its method declares.
+    with pytest.raises(UserError, match=r"crd\+kd\.kd\.temperature must be > 0, got 0\.0"):
+        parse_assignments(["crd+kd.kd.temperature=0"], ["crd+kd"])
     with pytest.raises(UserError, match="appears twice"):
         registry.get("kd+kd")
     with pytest.raises(UserError, match="did you mean"):

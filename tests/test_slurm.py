@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from kdbench import cli, slurm_presets
+from kdbench.claims import held_elsewhere
 from kdbench.errors import UserError
 from kdbench.slurm_presets import SlurmPreset, load_preset, resolve_preset
 from kdbench.store import Store
@@ -245,7 +246,7 @@ def test_grid_runs_as_teacher_job_then_one_dependent_array_with_the_local_number
     for directory in (results, local):
         assert cli.main(["table", "--results", str(directory)]) == 0
         tables.append(capsys.readouterr().out)
-    assert tables[0] == tables[1] and "kd" in tables[0]
+    assert tables[0] == tables[1] and "| KD " in tables[0]
 
 
 @pytest.mark.slurm
@@ -481,6 +482,9 @@ def test_no_wait_then_status_then_table_with_tasks_that_died_without_a_record(re
     subprocess.run(["scancel", "--signal=KILL", run["kd", 0][1]], check=True)
     wait_for(lambda: all(store.is_done(run["vanilla", seed][0]) for seed in (0, 1)), 120, "the vanilla runs")
     settled(run["kd", 0][1])
+    # SLURM's accounting says CANCELLED as soon as the signal is sent; the task's processes may
+    # take a while longer to go, and until then they hold the run's claim (status: "running").
+    wait_for(lambda: not held_elsewhere(store, run["kd", 0][0]), 120, "kd seed 0's processes to end")
 
     assert cli.main(["status", "--results", str(results)]) == 0  # the whole results directory
     status = capsys.readouterr().out
