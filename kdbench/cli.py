@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from kdbench import settings
 from kdbench.errors import UserError
+from kdbench.sweep import value_list
 
 EXIT_USAGE = 2
 # Seeds go to numpy's legacy seeding (np.random.seed), which takes 0 to 2**32 - 1.
@@ -75,11 +76,24 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
                              f"offline: {settings.QUICK_SETTING})")
     parser.add_argument("--results", type=Path, default=Path("results"),
                         help="results directory (default ./results)")
-    parser.add_argument("--epochs", type=positive_int, help="override the recipe's epochs (students)")
-    parser.add_argument("--batch-size", type=positive_int, help="override the recipe's batch size")
-    parser.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    parser.add_argument("--epochs", type=value_list(positive_int),
+                        help="override the recipe's epochs (students); a comma list sweeps them")
+    parser.add_argument("--batch-size", type=value_list(positive_int),
+                        help="override the recipe's batch size; a comma list sweeps it")
+    parser.add_argument("--lr", type=value_list(float),
+                        help="override the recipe's learning rate; a comma list (0.01,0.05) "
+                             "sweeps it for every method, the Student included")
     parser.add_argument("--set", dest="assignments", action="append", default=[],
-                        metavar="METHOD.FIELD=VALUE", help="set a method config field (typed)")
+                        metavar="METHOD.FIELD=VALUE",
+                        help="set a method config field (typed); a comma list of a scalar "
+                             "field (kd.temperature=2,4) sweeps it: each value is a variant "
+                             "with its own runs and row, lists multiply (cartesian product)")
+    parser.add_argument("--select-on", choices=["val", "test"],
+                        help="val: hold out 10%% of the training set (fixed per dataset), "
+                             "train the students on the rest, and let the table report each "
+                             "method's variant with the best mean validation accuracy (its "
+                             "test accuracy); test: choose on the test set itself (optimistic, "
+                             "so labelled), training on the full set")
     parser.add_argument("--teacher-seed", type=seed_number, default=0, metavar="SEED",
                         help="seed of the teacher every student distils from (default 0): each "
                              "teacher seed is trained once and is a different experiment, so its "
@@ -153,38 +167,6 @@ def build_parser() -> ArgumentParser:
 
 # --- checking the grid ----------------------------------------------------------------------
 
-def parse_assignments(assignments: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
-    """``--set kd.temperature=2`` → {"kd": {"temperature": 2.0}}, typed by the method's Config."""
-    from kdbench import registry
-    from kdbench.method import InvalidValue, parse_config_value
-
-    config: dict[str, dict[str, Any]] = {}
-    for assignment in assignments:
-        key, equals, raw = assignment.partition("=")
-        method, dot, field = key.partition(".")
-        if not equals or not dot or not field:
-            raise UserError(f"--set {assignment!r}: expected METHOD.FIELD=VALUE, e.g. kd.temperature=2")
-        if method not in methods:
-            raise UserError(f"--set {assignment!r}: method {method!r} is not in --methods ({', '.join(methods)})")
-        config_class = registry.get(method).Config
-        try:
-            value = parse_config_value(config_class, field, raw)
-        except KeyError:
-            known = ", ".join(config_class.field_types()) or "none"
-            raise UserError(f"--set {assignment!r}: {method} has no field {field!r} (fields: {known})") from None
-        except InvalidValue as error:
-            raise UserError(f"--set {assignment!r}: {method}.{field} {error}") from None
-        except ValueError as error:
-            raise UserError(f"--set {assignment!r}: {error}") from None
-        config.setdefault(method, {})[field] = value
-    for method, values in config.items():
-        try:  # the config's own checks (a field's range, rules across fields, a composition's unused CE weight)
-            registry.get(method).Config.from_json(values)
-        except (TypeError, ValueError) as error:
-            raise UserError(f"--set for {method}: {error}") from None
-    return config
-
-
 def check_results_dir(results: Path) -> None:
     """Fail before training when results cannot be written, not after hours of it."""
     if results.exists() and not results.is_dir():
@@ -241,12 +223,13 @@ def check_device(args: argparse.Namespace) -> None:
         raise UserError(f"--device {args.device}: no MPS device here")
 
 
-def check_batch_size(batch_size: int | None, chosen) -> None:
+def check_batch_size(batch_sizes: Sequence[int] | None, chosen) -> None:
     """A batch larger than the training set is a mistake (and would not fit anyway)."""
     from kdbench.data import DATASET_SIZES
 
-    if batch_size is None:
+    if not batch_sizes:
         return
+    batch_size = max(batch_sizes)
     for setting in chosen:
         images = min(DATASET_SIZES[setting.dataset][0], setting.train_subset or math.inf)
         if batch_size > images:
@@ -257,6 +240,7 @@ def check_batch_size(batch_size: int | None, chosen) -> None:
 def grid_from_args(args: argparse.Namespace, creating: bool):
     from kdbench import registry
     from kdbench.grid import Grid, with_baseline
+    from kdbench.sweep import Sweep, config_axes, recipe_axes
 
     asked = args.methods if args.methods else ["kd"]
     twice = sorted({method for method in asked if asked.count(method) > 1})
@@ -277,19 +261,17 @@ def grid_from_args(args: argparse.Namespace, creating: bool):
             raise UserError("--seed-list: a seed is listed twice")
     chosen = settings.expand(args.setting or [settings.DEFAULT_SETTING])
     n_seeds = len(seeds) if args.seed_list else (args.seeds or 5)
-    runs = n_seeds * len(methods) * len(chosen)
+    sweep = Sweep(tuple(config_axes(args.assignments, methods) + recipe_axes(
+        {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr})))
+    variants = sum(sweep.count(method) for method in methods)
+    runs = n_seeds * variants * len(chosen)
     if runs > MAX_GRID_RUNS:
-        raise UserError(f"--seeds {n_seeds}: that grid has {runs:,} runs, more than kdbench takes "
+        what = f"--seeds {n_seeds}" if variants == len(methods) else f"{variants:,} variants × {n_seeds} seeds"
+        raise UserError(f"{what}: that grid has {runs:,} runs, more than kdbench takes "
                         f"in one command ({MAX_GRID_RUNS:,})")
     if not args.seed_list:
         seeds = list(range(n_seeds))
     check_batch_size(args.batch_size, chosen)
-    overrides = {key: value for key, value in
-                 (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
-                 if value is not None}
-    if "lr" in overrides and not (math.isfinite(overrides["lr"]) and overrides["lr"] > 0):
-        raise UserError(f"--lr must be a positive finite number, got {overrides['lr']}")
-    config = parse_assignments(args.assignments, methods)
     checksum = None
     if args.teacher_checkpoint is not None:
         from kdbench.store import Store
@@ -310,8 +292,16 @@ def grid_from_args(args: argparse.Namespace, creating: bool):
             from kdbench.store import sha256_file
 
             checksum = sha256_file(args.teacher_checkpoint)
-    return Grid(tuple(s.name for s in chosen), tuple(methods), tuple(seeds), config, overrides,
-                args.teacher_seed, checksum, resolve_precision(args)), chosen
+    return Grid(tuple(s.name for s in chosen), tuple(methods), tuple(seeds), sweep,
+                args.teacher_seed, checksum, resolve_precision(args), held_out_of(args)), chosen
+
+
+def held_out_of(args: argparse.Namespace) -> float | None:
+    """--select-on val holds out the validation split (kdbench/validation.py); --select-on
+    test and no --select-on train on the full training set."""
+    from kdbench.validation import VALIDATION_FRACTION
+
+    return VALIDATION_FRACTION if getattr(args, "select_on", None) == "val" else None
 
 
 def resolve_precision(args: argparse.Namespace) -> str:
@@ -371,7 +361,10 @@ def command_run(args: argparse.Namespace) -> int:
                      if state.state != "done" or state.spec.id in retrain]
     stored = len(students) - len(todo_students)
     total = len(students)
-    print(f"kdbench: {total} student runs ({len(grid.methods)} methods × {len(grid.seeds)} seeds × "
+    variants = grid.variant_count()
+    of_methods = (f"{len(grid.methods)} methods" if variants == len(grid.methods)
+                  else f"{variants} variants of {len(grid.methods)} methods")
+    print(f"kdbench: {total} student runs ({of_methods} × {len(grid.seeds)} seeds × "
           f"{len(grid.settings)} setting{'s' if len(grid.settings) > 1 else ''}); "
           f"{stored} already stored, {len(todo_students)} to train"
           + (f", plus {len(todo_teachers)} teacher{'s' if len(todo_teachers) > 1 else ''}" if todo_teachers else "")
@@ -406,7 +399,7 @@ def command_run(args: argparse.Namespace) -> int:
     if not args.no_table and not submitted:
         print()
         try:
-            print_grid_table(grid, store)
+            print_grid_table(grid, store, args.select_on)
         except UserError as error:  # e.g. every run failed: nothing to tabulate
             print(f"kdbench: no table: {error}", file=sys.stderr)
     return 1 if failed else 0
@@ -444,7 +437,7 @@ def check_stale(args: argparse.Namespace, states: list, store) -> set[str]:
     return ids
 
 
-def print_grid_table(grid, store) -> None:
+def print_grid_table(grid, store, select_on: str | None = None) -> None:
     """The table of this grid's runs alone: the results directory may hold other experiments
     (other epochs, precisions, configs) that `kdbench table` would have to be told apart."""
     from kdbench.aggregate import summarize
@@ -462,7 +455,7 @@ def print_grid_table(grid, store) -> None:
     if not records:
         raise UserError("no run of this grid is stored")
     summary = summarize(records, settings=list(grid.settings), methods=list(grid.methods),
-                        precision=grid.precision)
+                        precision=grid.precision, select_on=select_on)
     sys.stdout.write(render_markdown(summary, Layout()))
     sys.stdout.flush()
 

@@ -1,4 +1,6 @@
-"""A grid: settings × methods × seeds expanded into RunSpecs, and what the store has of it."""
+"""A grid: settings × methods × variants × seeds expanded into RunSpecs, and what the store has
+of it. A method's variants are the cartesian product of its swept fields (kdbench/sweep.py);
+without a sweep each method has one."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any
 from kdbench.spec import FP32, STUDENT, TEACHER, RunSpec, record_precision
 from kdbench.staleness import CodeVersion, is_stale, stale_summary
 from kdbench.store import CorruptRecord, Store, sha256_file
+from kdbench.sweep import Sweep
 
 BASELINE = "vanilla"  # the "Student" row every table needs
 
@@ -18,18 +21,23 @@ class Grid:
     settings: tuple[str, ...]
     methods: tuple[str, ...]
     seeds: tuple[int, ...]
-    config: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> field -> value
-    overrides: dict[str, Any] = field(default_factory=dict)
+    sweep: Sweep = field(default_factory=Sweep)  # the config and recipe fields the user set
     teacher_seed: int = 0
     teacher_checkpoint: str | None = None  # sha256 of a registered user checkpoint
     precision: str = FP32
+    held_out: float | None = None  # the students' validation split (kdbench/validation.py)
 
     def students(self) -> list[RunSpec]:
         return [
-            RunSpec(setting, method, seed, STUDENT, dict(self.config.get(method, {})),
-                    dict(self.overrides), self.teacher_seed, self.teacher_checkpoint, self.precision)
-            for setting in self.settings for method in self.methods for seed in self.seeds
+            RunSpec(setting, method, seed, STUDENT, dict(variant.config), dict(variant.overrides),
+                    self.teacher_seed, self.teacher_checkpoint, self.precision, self.held_out)
+            for setting in self.settings for method in self.methods
+            for variant in self.sweep.variants(method) for seed in self.seeds
         ]
+
+    def variant_count(self) -> int:
+        """Variants of all methods together (= len(methods) without a sweep)."""
+        return sum(self.sweep.count(method) for method in self.methods)
 
     def teachers(self) -> list[RunSpec]:
         return list({spec.id: spec for spec in map(RunSpec.teacher_spec, self.students())}.values())

@@ -35,15 +35,24 @@ class RunSpec:
     # they never share a record, a checkpoint or a table cell. fp32 is left out of the JSON, so
     # runs stored before this field existed (all fp32) keep their ids.
     precision: str = FP32
+    # The fraction of the training set held out for validation (kdbench/validation.py,
+    # ``--select-on val``): the run trains on the rest and is evaluated on both. Part of the
+    # run's identity, as it trains on other images; None (no split) is left out of the JSON,
+    # so runs without one keep their ids.
+    held_out: float | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.held_out is not None and not (isinstance(self.held_out, float) and 0 < self.held_out < 1):
+            raise ValueError(f"held_out must be a fraction in (0, 1) or None, got {self.held_out!r}")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         if data["precision"] == FP32:
             del data["precision"]
+        if data["held_out"] is None:
+            del data["held_out"]
         return data
 
     @classmethod
@@ -64,8 +73,13 @@ class RunSpec:
 
     def label(self) -> str:
         what = "teacher" if self.role == TEACHER else self.method
+        # The fields that tell a sweep's variants apart, as the user set them.
+        fields = [f"{key}={value}" for key, value in {**self.config, **self.overrides}.items()]
+        if self.held_out is not None:
+            fields.append(f"held-out {self.held_out:.0%}")
+        variant = f" [{', '.join(fields)}]" if fields else ""
         arithmetic = "" if self.precision == FP32 else f" ({self.precision})"
-        return f"{self.setting} {what} seed {self.seed}{arithmetic}"
+        return f"{self.setting} {what} seed {self.seed}{variant}{arithmetic}"
 
 
 def record_precision(record: dict[str, Any]) -> str:

@@ -280,6 +280,13 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
                 else contextlib.nullcontext())
     seed_everything(spec.seed)
     dataset = load_dataset(setting.dataset, options.data_dir, setting.train_subset)
+    held_out = None  # the validation split (kdbench/validation.py), when the run holds one out
+    if spec.held_out is not None:
+        from kdbench import validation
+
+        dataset, held_out_set, held_out = validation.split(dataset, spec.held_out)
+        # Evaluated as the test split is: its own stream, whose test batches are the split.
+        val_stream = BatchStream(held_out_set, device, recipe.batch_size, recipe.augmentation, spec.seed)
     stream = BatchStream(dataset, device, recipe.batch_size, recipe.augmentation, spec.seed)
 
     # ---- build -----------------------------------------------------------------------------
@@ -455,6 +462,9 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
                 if (epoch + 1) % recipe.eval_every == 0 or epoch + 1 == epochs:
                     top1, top5 = evaluate(student_forward, stream, autocast, on_cuda)
                     entry.update(top1=top1, top5=top5)
+                    if held_out is not None:
+                        val_top1, val_top5 = evaluate(student_forward, val_stream, autocast, on_cuda)
+                        entry.update(val_top1=val_top1, val_top5=val_top5)
             entry["seconds"] = time.time() - epoch_started
             trained_seconds += entry["seconds"]
             images_seen += seen
@@ -484,8 +494,10 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
                     "num_classes": dataset.num_classes, "pretrain_epochs": stage_epochs},
         "config": method.config.to_json(),
         "metrics": {"top1_last": main[-1]["top1"], "top5_last": main[-1]["top5"],
-                    "top1_best": best["top1"], "top5_best": best["top5"], "best_epoch": best["epoch"]},
+                    "top1_best": best["top1"], "top5_best": best["top5"], "best_epoch": best["epoch"],
+                    **(validation_metrics(main) if held_out is not None else {})},
         "history": history,
+        **({"validation": held_out.to_json()} if held_out is not None else {}),
         "error": None,
         "wall_seconds": time.time() - started,
         "train_seconds": trained_seconds,
@@ -502,6 +514,15 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
     record["student_weights"] = kept.keep(student, main[-1]["epoch"], best["epoch"],
                                           last=record.get("teacher_weights"))
     return record
+
+
+def validation_metrics(main: list[dict[str, Any]]) -> dict[str, Any]:
+    """Validation accuracy at the last epoch and at the best validation epoch, for the
+    record's metrics beside the test accuracy (kdbench/validation.py)."""
+    best = max(main, key=lambda entry: entry["val_top1"])
+    return {"val_top1_last": main[-1]["val_top1"], "val_top5_last": main[-1]["val_top5"],
+            "val_top1_best": best["val_top1"], "val_top5_best": best["val_top5"],
+            "val_best_epoch": best["epoch"]}
 
 
 def configure_kernels(on_cuda: bool, deterministic: bool) -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench import composition, registry
-from kdbench.cli import parse_assignments
+from kdbench.sweep import Sweep, config_axes
 from kdbench.errors import UserError
 from kdbench.method import (
     Batch,
@@ -100,10 +100,11 @@ def test_composition_declares_the_union_of_its_parts() -> None:
 
 
 def test_config_is_set_per_part_from_the_command_line_and_round_trips() -> None:
-    config = parse_assignments(["crd+kd.kd.temperature=2", "crd+kd.crd.negatives=64"], ["crd+kd"])
-    assert config == {"crd+kd": {"kd.temperature": 2.0, "crd.negatives": 64}}
+    sweep = Sweep(tuple(config_axes(["crd+kd.kd.temperature=2", "crd+kd.crd.negatives=64"], ["crd+kd"])))
+    (variant,) = sweep.variants("crd+kd")
+    assert variant.config == {"kd.temperature": 2.0, "crd.negatives": 64}
     composed = registry.get("crd+kd")
-    built = composed.Config.from_json(config["crd+kd"])
+    built = composed.Config.from_json(variant.config)
     assert built.parts[0].negatives == 64 and built.parts[1].temperature == 2.0
     assert built.parts[1].alpha == 1.0  # unset fields keep the part's starting value
     assert composed.Config.from_json(built.to_json()) == built
@@ -112,13 +113,13 @@ def test_config_is_set_per_part_from_the_command_line_and_round_trips() -> None:
 
 def test_bad_settings_are_one_line_user_errors() -> None:
     with pytest.raises(UserError, match="has no field 'kd.temprature'"):
-        parse_assignments(["crd+kd.kd.temprature=2"], ["crd+kd"])
+        config_axes(["crd+kd.kd.temprature=2"], ["crd+kd"])
     # KD's γ is its CE weight, which a composition with KD added does not use.
     with pytest.raises(UserError, match="cross-entropy weight is not used"):
-        parse_assignments(["crd+kd.kd.gamma=0.5"], ["crd+kd"])
+        config_axes(["crd+kd.kd.gamma=0.5"], ["crd+kd"])
     # A part's field keeps the range its method declares.
     with pytest.raises(UserError, match=r"crd\+kd\.kd\.temperature must be > 0, got 0\.0"):
-        parse_assignments(["crd+kd.kd.temperature=0"], ["crd+kd"])
+        config_axes(["crd+kd.kd.temperature=0"], ["crd+kd"])
     with pytest.raises(UserError, match="appears twice"):
         registry.get("kd+kd")
     with pytest.raises(UserError, match="did you mean"):
