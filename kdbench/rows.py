@@ -8,7 +8,10 @@ Title: what a paper prints. The method's ``method_display_name`` from its record
 "FitNets", "CRD + KD"; records made before that field existed fall back to the method's
 name), Teacher and Student for the reference rows, and for a variant the fields that differ at
 the values the run actually used (the resolved config and recipe of the record, so a default
-prints as its number): "KD (T = 2)", "KD (epochs = 5)". A field whose values map one-to-one
+prints as its number): "KD (T = 2)", "KD (epochs = 5)". A field prints under the symbol papers
+use for a field of its name (``FIELD_SYMBOLS``: a ``temperature`` is T, an ``alpha`` α, the
+recipe's ``lr`` lr), else under its name; where two fields would print alike, under their
+names. A field whose values map one-to-one
 onto different display names is left out ("KD + LS" needs no "(logit_standardization =
 true)"). ``--label kd=…`` renames a method (its variants keep their field list) or one row.
 """
@@ -32,6 +35,13 @@ STUDENT = "vanilla"
 REFERENCE_TITLES = {TEACHER: "Teacher", STUDENT: "Student"}
 
 _UNSET = object()
+
+# How papers print a field of this name (a method's config field or a recipe field). Generic
+# by field name, never by method: a temperature is T since Hinton et al. 2015 (softmax(z/T)),
+# and a field named after a Greek letter is the paper's letter (KD's α/γ weights as
+# RepDistiller's -a/-r, DKD's α/β, DIST's β/γ).
+FIELD_SYMBOLS = {"temperature": "T", "alpha": "α", "beta": "β", "gamma": "γ", "lr": "lr",
+                 "batch_size": "batch size"}
 
 
 def base(row: str) -> str:
@@ -79,6 +89,41 @@ def short_names(keys: list[str]) -> dict[str, str]:
     return {key: tail if tails.count(tail) == 1 else key for key, tail in zip(keys, tails)}
 
 
+def printed_names(keys: list[str]) -> dict[str, str]:
+    """What a title calls each field: its symbol (``FIELD_SYMBOLS``) where that is unambiguous
+    among ``keys``, else its short name (``short_names``)."""
+    short = short_names(keys)
+    symbols = {key: FIELD_SYMBOLS.get(name, name) for key, name in short.items()}
+    taken = list(symbols.values())
+    return {key: symbol if taken.count(symbol) == 1 else short[key]
+            for key, symbol in symbols.items()}
+
+
+def search_spaces(runs: pd.DataFrame) -> dict[str, list[tuple[str, list[str]]]]:
+    """Per method with variants (``runs`` has a ``row`` column): each field that varies
+    between them as a title prints it, with the values it takes, numbers in increasing
+    order: {"kd": [("T", ["2", "4"])]}."""
+    bases = _bases(runs)
+    out: dict[str, list[tuple[str, list[str]]]] = {}
+    for method, fields in varying_fields(runs, bases).items():
+        members = list(dict.fromkeys(runs.loc[bases == method, "row"]))
+        values = {row: _resolved_values(runs[runs["row"] == row].iloc[0], fields) for row in members}
+        names = printed_names(fields)
+        out[method] = [(names[key], _in_order({values[row][key] for row in members}))
+                       for key in fields]
+    return out
+
+
+def _in_order(values: set[str]) -> list[str]:
+    def key(text: str) -> tuple[int, float, str]:
+        try:
+            return (0, float(text), text)
+        except ValueError:
+            return (1, 0.0, text)
+
+    return sorted(values, key=key)
+
+
 def _bases(runs: pd.DataFrame) -> pd.Series:
     return pd.Series(np.where(runs["role"] == "teacher", TEACHER, runs["method"].astype(str)),
                      index=runs.index)
@@ -115,7 +160,7 @@ def row_titles(runs: pd.DataFrame, labels: Mapping[str, str] | None = None) -> d
         # variants apart, and the fields must.
         printed = {row: labels.get(method, names[row]) for row in members}
         kept = [key for key in fields if not _explained_by_names(key, members, values, printed)]
-        short = short_names(kept)
+        short = printed_names(kept)
         for row in members:
             name = printed[row]
             parts = [f"{short[key]} = {values[row][key]}" for key in kept]

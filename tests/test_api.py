@@ -107,7 +107,7 @@ def test_summary_is_the_tables_mean_and_sample_std_over_seeds(hand_results):
     cells = summary.cells.set_index("row")
     everything = api.summary(hand_results).cells
     assert dict(zip(everything["row"], everything["title"])) == dict(zip(frame["row"], frame["title"]))
-    assert "KD (temperature = 2)" in set(frame["title"])
+    assert "KD (T = 2)" in set(frame["title"])
     for row, values in [("vanilla", VALUES["vanilla"]), (kd_row[0], VALUES["kd"])]:
         assert cells.loc[row, "mean"] == pytest.approx(statistics.mean(values))
         assert cells.loc[row, "std"] == pytest.approx(statistics.stdev(values))
