@@ -68,6 +68,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from kdbench import selection as selection_module
 from kdbench.errors import UserError
 from kdbench.rows import STUDENT, TEACHER, base as _base, label_rows, row_titles
 from kdbench.spec import record_precision
@@ -79,6 +80,8 @@ FIDELITY_READING = "reading of the paper"
 
 METRIC_ALIASES = {"last": "top1_last", "best": "top1_best"}
 METRICS = ("top1_last", "top1_best", "top5_last", "top5_best")
+# The same, on the held-out validation split of a run that has one (kdbench/validation.py).
+VAL_METRICS = tuple(f"val_{metric}" for metric in METRICS)
 
 WELCH = "welch"
 PAIRED = "paired"
@@ -125,6 +128,8 @@ class Summary:
     comparisons: pd.DataFrame = field(default_factory=pd.DataFrame)
     footnotes: list[str] = field(default_factory=list)
     pooled_versions: int = 0  # cells averaging records of more than one method version
+    # What --select-on chose (kdbench/selection.py); None: every variant is a row.
+    selection: "selection_module.Selection | None" = None
 
     def cell(self, setting: str, row: str) -> pd.Series:
         hit = self.cells[(self.cells["setting"] == setting) & (self.cells["row"] == row)]
@@ -308,7 +313,10 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             "seed": spec.get("seed"),
             "variant": json.dumps(variant, sort_keys=True),
             "epochs": overrides.get("epochs", recipe.get("epochs")),
-            **{metric: _as_float(metrics.get(metric)) for metric in METRICS},
+            **{metric: _as_float(metrics.get(metric)) for metric in METRICS + VAL_METRICS},
+            "held_out": spec.get("held_out"),
+            "validation": (json.dumps(record["validation"], sort_keys=True)
+                           if isinstance(record.get("validation"), Mapping) else None),
             "error": _error_text(error),
             "git_commit": provenance.get("git_commit"),
             "finished_at": provenance.get("finished_at"),
@@ -325,7 +333,7 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
         })
     columns = ["run_id", "status", "setting", "dataset", "teacher_arch", "student_arch",
                "recipe_source", "role", "method", "seed", "variant", "epochs", *METRICS,
-               "error", "git_commit", "finished_at", "precision", "display_name", "fidelity",
+               *VAL_METRICS, "held_out", "validation", "error", "git_commit", "finished_at", "precision", "display_name", "fidelity",
                "fidelity_note", "version", "resolved_config", "resolved_recipe",
                "train_subset", "teacher_checkpoint", "teacher_checkpoint_file"]
     return pd.DataFrame(rows, columns=columns)
@@ -393,6 +401,7 @@ def summarize(
     precision: str | None = None,
     labels: Mapping[str, str] | None = None,
     pool_versions: bool = False,
+    select_on: str | None = None,
 ) -> Summary:
     """Aggregate records into the cells of a table (see the module docstring for the rules).
 
@@ -402,6 +411,8 @@ def summarize(
     ``precision``: only the student runs made at this precision ("fp32", "bf16"; None: all);
     teachers are fp32 for every precision. ``labels``: {row key or method: printed title}.
     ``pool_versions``: allow a cell to average records of different method versions (marked).
+    ``select_on``: "val" or "test": one row per method, its variant chosen per setting on the
+    validation split or on the test set (kdbench/selection.py); ``methods`` then names methods.
     """
     metric = resolve_metric(metric)
     if not 0 < alpha < 1:
@@ -418,7 +429,15 @@ def summarize(
     runs = runs[runs["setting"].isin(chosen)].copy()
     if ((runs["role"] != "teacher") & (runs["method"] == TEACHER)).any():
         raise UserError(f"a student method is named {TEACHER!r}, which is the Teacher row's name")
+    selection = None
+    if select_on is not None:
+        runs = selection_module.protocol_runs(runs, select_on)
+        if methods and any("[" in wanted for wanted in methods):
+            raise UserError(f"--select-on {select_on} chooses each method's variant: name methods "
+                            f"(kd), not variants ({', '.join(m for m in methods if '[' in m)})")
     runs["row"] = label_rows(runs)
+    if select_on is not None:
+        runs, selection = selection_module.select_variants(runs, select_on, metric)
     # Titles from every run of the chosen settings, as the keys are: a row picked alone keeps
     # the fields that set it apart from its siblings ("KD (T = 4)").
     titles = row_titles(runs, labels)
@@ -434,6 +453,8 @@ def summarize(
     runs["row"] = runs["row"].astype(str)
 
     notes: list[str] = []
+    if selection is not None:
+        notes += selection_module.notes(selection, titles)
     pooled = _check_versions(runs, titles, pool_versions, notes)
     columns = _columns(runs, chosen)
     cells = _cells(runs, chosen, rows, columns, titles, confidence, notes)
@@ -441,6 +462,7 @@ def summarize(
     comparisons = _significance(cells, runs, chosen, paired, titles, notes)
     _effect_sizes(cells, runs, paired, confidence)
     _rank(cells, chosen, decimals)
+    _mark_selection(cells, selection)
     footnotes = _reading_footnotes(cells, runs, titles)
     sources = (_attach_published(cells, published, metric, notes) if published is not None
                else {})
@@ -449,7 +471,21 @@ def summarize(
                    metric=metric, test=PAIRED if paired else WELCH, alpha=alpha,
                    confidence=confidence, decimals=decimals, n_tests=n_tests, notes=notes,
                    published_sources=sources, titles=titles, comparisons=comparisons,
-                   footnotes=footnotes, pooled_versions=pooled)
+                   footnotes=footnotes, pooled_versions=pooled, selection=selection)
+
+
+def _mark_selection(cells: pd.DataFrame, selection: "selection_module.Selection | None") -> None:
+    """Each cell's chosen variant and its score (CSV columns; empty without --select-on)."""
+    cells["selected_variant"] = None
+    cells["selection_score"] = math.nan
+    if selection is None or cells.empty:
+        return
+    chosen = selection.choices.set_index(["setting", "method"])
+    for index, cell in cells.iterrows():
+        key = (cell["setting"], cell["method"])
+        if key in chosen.index:
+            cells.loc[index, "selected_variant"] = chosen.loc[key, "chosen"]
+            cells.loc[index, "selection_score"] = chosen.loc[key, "score"]
 
 
 def _choose_rows(runs: pd.DataFrame, methods: Sequence[str] | None) -> list[str]:

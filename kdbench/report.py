@@ -102,6 +102,12 @@ def add_table_arguments(parser: argparse.ArgumentParser) -> None:
                         help="average a cell's records even when they come from different "
                              "versions of the method's code or the engine (marked and stated "
                              "in the caption; default: refuse)")
+    parser.add_argument("--select-on", choices=["val", "test"],
+                        help="one row per method: per setting, its variant (of a sweep) with the "
+                             "best mean accuracy over seeds on the held-out validation split "
+                             "(val: runs made with run --select-on val), reported by its test "
+                             "accuracy; or on the test set itself (test: optimistic, so "
+                             "labelled). The caption states the protocol and the search space")
     parser.add_argument("--power", action="store_true",
                         help=f"for each comparison, the smallest gap detectable with power "
                              f"{TARGET_POWER:g} at the table's n, alpha and Holm family, from "
@@ -141,6 +147,7 @@ def table_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -
         precision=getattr(args, "precision", None),
         labels=parse_labels(getattr(args, "label", None)),
         pool_versions=getattr(args, "pool_versions", False),
+        select_on=getattr(args, "select_on", None),
     )
     layout = Layout(delta=getattr(args, "delta", False), ci=getattr(args, "ci", False),
                     published=compare)

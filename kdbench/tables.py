@@ -72,7 +72,8 @@ class LatexMarkup:
                 "…": r"\ldots{}", "’": "'", "‘": "`", "“": "``", "”": "''", "<": r"\textless{}",
                 ">": r"\textgreater{}", "|": r"\textbar{}", "↑": r"$\uparrow$",
                 "↓": r"$\downarrow$", "‡": r"$\ddagger$", "◊": r"$\diamond$", "§": r"\S{}",
-                "\u202f": r"\,", "\u00a0": "~", "−": r"$-$"}
+                "\u202f": r"\,", "\u00a0": "~", "−": r"$-$", "∈": r"$\in$", "β": r"$\beta$",
+                "γ": r"$\gamma$", "τ": r"$\tau$"}
 
     def escape(self, text: str) -> str:
         out = []
@@ -330,7 +331,8 @@ def metric_name(summary: Summary) -> str:
 
 def caption(summary: Summary, layout: Layout, mk: Markup) -> str:
     """Data and split, training, last/best, n and spread, marks, test, correction."""
-    parts = [_what_was_measured(summary, mk), _how_students_trained(summary, mk)]
+    parts = [_what_was_measured(summary, mk), _selection_sentence(summary, mk),
+             _how_students_trained(summary, mk)]
     parts += _teacher_sentences(summary, mk)
     if "precision" in summary.runs:
         arithmetic = set(summary.runs.loc[summary.runs["role"] != "teacher", "precision"].dropna())
@@ -377,6 +379,67 @@ def _what_was_measured(summary: Summary, mk: Markup) -> str:
         when = ("at the best epoch (the highest test accuracy during training: optimistic, "
                 "chosen on the test set)")
     return f"{metric_name(summary)} accuracy ({mk.percent}) on {where}, {when}."
+
+
+def _selection_sentence(summary: Summary, mk: Markup) -> str:
+    """With --select-on: the protocol (which split chose, its size and seed) and the search
+    space, so that a reader knows the numbers were not tuned on themselves (or that they were)."""
+    selection = summary.selection
+    if selection is None:
+        students = summary.runs[summary.runs["role"] != "teacher"]
+        held = students["held_out"].dropna() if "held_out" in students else pd.Series(dtype=float)
+        if len(students) and len(held) == len(students) and held.nunique() == 1:
+            share = mk.escape(f"{float(held.iloc[0]) * 100:g}\u202f") + mk.percent
+            return (f"The students trained without a held-out {share} of the training set "
+                    "(the validation split of --select-on val).")
+        return ""
+    score = f"{metric_name(summary).lower()} " + (
+        "at the last epoch" if summary.metric.endswith("last") else "at the best epoch")
+    space = _search_space(summary, mk)
+    if selection.protocol == "test":
+        return (f"Variants chosen on the test set{space} (optimistic: the numbers shown chose "
+                f"themselves): per column, each method's variant with the highest mean test "
+                f"{score} over seeds.")
+    facts = {setting: selection.splits.get(setting, {}) for setting in summary.settings}
+    fractions = {fact.get("fraction") for fact in facts.values()}
+    fraction = fractions.pop() if len(fractions) == 1 else None
+    share = (mk.escape(f"{float(fraction) * 100:g}\u202f") + mk.percent
+             if isinstance(fraction, (int, float)) else "a part")
+
+    def split_text(fact: dict) -> str:
+        if not fact:
+            return "not recorded"
+        total = fact["images"] + fact["train_images"]
+        return (f"{mk.thousands(fact['images'])} of its {mk.thousands(total)} images, seed "
+                f"{fact['seed']}")
+
+    texts = {setting: split_text(fact) for setting, fact in facts.items()}
+    if len(set(texts.values())) == 1:
+        where = next(iter(texts.values()))
+    else:
+        where = "; ".join(f"{mk.escape(setting)}: {text}" for setting, text in texts.items())
+    return (f"Variants chosen on a held-out {share} of the training set ({where}; the same "
+            "fraction of every class, fixed per dataset; the students trained on the rest, the "
+            f"teacher on all of it){space}: per column, each method's variant with the highest "
+            f"mean validation {score} over seeds, shown by its test accuracy.")
+
+
+def _search_space(summary: Summary, mk: Markup) -> str:
+    """" among KD: T ∈ {2, 4}; Student: lr ∈ {0.01, 0.05}", in row order."""
+    selection = summary.selection
+    parts = []
+    for row in summary.rows:
+        fields = selection.spaces.get(row)
+        if not fields:
+            continue
+        values = ", ".join(f"{name} ∈ {{{', '.join(items)}}}" for name, items in fields)
+        count = selection.variants.get(row, 0)
+        product = math.prod(len(items) for _, items in fields)
+        extra = f" ({count} variants)" if len(fields) > 1 or count != product else ""
+        parts.append(f"{summary.titles.get(row, row)}: {values}{extra}")
+    if not parts:
+        return ", each method having one variant"
+    return mk.escape(" among " + "; ".join(parts))
 
 
 def _epochs_text(value: Any) -> str:
@@ -633,8 +696,8 @@ CSV_COLUMNS = ["setting", "dataset", "teacher_arch", "student_arch", "epochs", "
                "delta_ci_method", "hedges_g", "rank", "best_row", "test", "alpha",
                "p_vs_student", "p_vs_student_holm", "n_vs_student", "p_vs_best",
                "p_vs_best_holm", "n_vs_best", "published", "published_source",
-               "published_outside_2std", "reading", "versions", "version_mark", "values",
-               "run_ids", "failed_run_ids"]
+               "published_outside_2std", "reading", "versions", "version_mark",
+               "selected_variant", "selection_score", "values", "run_ids", "failed_run_ids"]
 
 
 def csv_frame(summary: Summary) -> pd.DataFrame:
