@@ -106,7 +106,8 @@ def run(methods: Iterable[str] | str | None = None, seeds: int | Iterable[int] |
     ``seeds``: a number N (seeds 0 … N-1, ``--seeds``) or the seeds themselves
     (``--seed-list``). ``options`` are the command's other options under their Python names:
     ``epochs=1``, ``batch_size=128``, ``executor="inprocess"``, ``keep="best"``,
-    ``tensorboard=True``, ``set={"kd.temperature": 2}`` (or a list of "METHOD.FIELD=VALUE"),
+    ``tensorboard=True``, ``set={"kd.temperature": 2}`` (or a list of "METHOD.FIELD=VALUE";
+    a list value sweeps, ``set={"kd.temperature": [2, 4]}``, as does ``lr=[0.01, 0.05]``),
     ``no_table=True``, ``dry_run=True``, ... Flags take True. Everything goes through the
     command line's parser and ``command_run``, so a mistake raises the UserError the command
     would print, before anything is trained or written. Failed runs are rows with status
@@ -170,6 +171,10 @@ def _as_arguments(action: argparse.Action, value: Any) -> list[str]:
 
 
 def _text(value: Any) -> str:
+    """A value as the command line spells it; a list or tuple is a sweep's comma list
+    (``set={"kd.temperature": [2, 4]}`` is ``--set kd.temperature=2,4``)."""
+    if isinstance(value, (list, tuple, range)):
+        return ",".join(_text(item) for item in value)
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
