@@ -100,8 +100,9 @@ class Summary:
     delta_ci_low, delta_ci_high, hedges_g, rank, best_row, p_vs_student, p_vs_student_holm,
     n_vs_student, p_vs_best, p_vs_best_holm, n_vs_best, published, published_source,
     published_outside_2std, reading (the row's method is a "reading of the paper"),
-    versions (the method versions behind the cell), version_mark, values, run_ids,
-    failed_run_ids.
+    versions (the method versions behind the cell), version_mark, selected_variant and
+    selection_score (with ``select_on``: the variant's row key and its mean on the split it
+    was chosen on), values, run_ids, failed_run_ids.
     ``runs``: one row per record behind the table (setting, row, seed, run_id, status, value,
     error, git_commit, finished_at, version, ...). ``columns``: one row per setting (dataset,
     teacher, student, epochs, teacher_epochs, train_subset, recipe_source, expected_seeds,
@@ -563,7 +564,7 @@ def _how_to_choose(students: Sequence[str]) -> str:
     if keys == {"precision"}:
         return "choose one with --precision fp32 or --precision bf16"
     advice = (f"choose one with --methods, e.g. --methods '{students[0]}' (and the method rows "
-              "of the same experiment)")
+              "of the same experiment), or each method's best variant with --select-on val|test")
     return advice + (", and --precision" if "precision" in keys else "")
 
 

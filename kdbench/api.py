@@ -50,7 +50,8 @@ def runs(results: PathLike = "results") -> pd.DataFrame:
     students' files (paths relative to ``results``; ``best_student_weights`` with --keep
     best), the error's first line, and the code version — then one ``config.<field>`` column
     per field of the method's resolved config and one ``recipe.<field>`` per field of the
-    resolved recipe (``recipe.augmentation.flip``; the teacher's recipe on a teacher's row).
+    resolved recipe (``recipe.augmentation.flip``; the teacher's recipe on a teacher's row),
+    and ``held_out`` with the ``val_*`` metrics of runs that held out a validation split.
     """
     records = load_records(results)
     frame = pd.DataFrame([_run_row(record) for record in records])
@@ -283,6 +284,10 @@ def _run_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "precision": record_precision(record),
         **{name: metrics.get(name) for name in ("top1_last", "top5_last", "top1_best", "top5_best",
                                                  "best_epoch")},
+        # The validation split's share and accuracy (run --select-on val; None otherwise).
+        "held_out": spec.get("held_out"),
+        **{name: metrics.get(name) for name in ("val_top1_last", "val_top5_last", "val_top1_best",
+                                                 "val_top5_best")},
         **{name: record.get(name) for name in ("wall_seconds", "train_seconds", "images_per_second",
                                                "extra_parameters")},
         "student_weights": last.get("path"),
