@@ -11,7 +11,11 @@ modules in ``Method.source_modules`` (a composition built in kdbench/ names its 
 
 A file is labelled by its module's dotted name as a path (``methods/kd.py``), never by where
 it is installed, so that two machines (or a SLURM snapshot of the code) hash the same code to
-the same value.
+the same value. The built-in methods are the repository's ``methods/`` folder installed as the
+package ``kdbench.methods`` (pyproject.toml): they count as their own package, not the engine's,
+and keep the labels and hashes they had when that folder was installed as a top-level package
+``methods`` — their files are hashed as they read with their imports of each other spelt
+``from methods.x import``, as they were then, so the move (issue 19) made no result stale.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -27,18 +32,41 @@ from kdbench.store import sha256_file
 
 ENGINE_PACKAGE = "kdbench"
 INTERFACE_MODULE = "kdbench.method"  # versioned with the engine, never hashed into a method
+BUILT_IN_METHODS = "kdbench.methods"  # the repository's methods/ folder (pyproject package-dir)
+BUILT_IN_FOLDER = "methods"  # its name in the repository, and its package name before issue 19
 UNKNOWN = "unknown"  # no source file (a class defined in an interactive session)
+
+# An import of a sibling built-in method, as the files spell it since they install as
+# kdbench.methods; hashed as the ``from methods.`` they were written with before.
+_SIBLING_IMPORT = re.compile(rb"^([ \t]*)from kdbench\.methods\.", re.MULTILINE)
+
+
+def _is_built_in(name: str) -> bool:
+    return name == BUILT_IN_METHODS or name.startswith(BUILT_IN_METHODS + ".")
 
 
 def _top_package(module: ModuleType) -> str:
+    if _is_built_in(module.__name__):
+        return BUILT_IN_METHODS
     return module.__name__.partition(".")[0]
 
 
 def _label(module: ModuleType, path: Path) -> str:
-    parts = module.__name__.split(".")
+    name = module.__name__
+    if _is_built_in(name):  # its path in the repository: methods/kd.py
+        name = BUILT_IN_FOLDER + name[len(BUILT_IN_METHODS):]
+    parts = name.split(".")
     if path.name == "__init__.py":
         parts.append("__init__")
     return "/".join(parts) + ".py"
+
+
+def file_sha256(label: str, path: Path) -> str:
+    """The sha256 of a file of a method's code; a built-in method's file as it reads with its
+    sibling imports spelt ``from methods.x`` (the module docstring says why)."""
+    if not label.startswith(BUILT_IN_FOLDER + "/"):
+        return sha256_file(path)
+    return hashlib.sha256(_SIBLING_IMPORT.sub(rb"\1from methods.", path.read_bytes())).hexdigest()
 
 
 def _modules_used(module: ModuleType) -> list[ModuleType]:
@@ -59,7 +87,7 @@ def _modules_used(module: ModuleType) -> list[ModuleType]:
         if candidate is None:
             continue
         engine = _top_package(candidate) == ENGINE_PACKAGE and candidate.__name__ not in (
-            ENGINE_PACKAGE, INTERFACE_MODULE)
+            ENGINE_PACKAGE, INTERFACE_MODULE)  # kdbench.methods is not the engine's (_top_package)
         if _top_package(candidate) == package or engine:
             used.append(candidate)
     return used
@@ -90,7 +118,7 @@ def source_files(method_class: type) -> dict[str, Path]:
 
 def file_hashes(method_class: type) -> dict[str, str]:
     """label → sha256 of each file of the method's code."""
-    return {label: sha256_file(path) for label, path in source_files(method_class).items()}
+    return {label: file_sha256(label, path) for label, path in source_files(method_class).items()}
 
 
 def combined_sha256(hashes: dict[str, str]) -> str:

@@ -54,7 +54,7 @@ from kdbench.method import (
     PretrainStage,
     Progress,
 )
-from methods.fitnet import regressor
+from kdbench.methods.fitnet import regressor
 
 TRANSFER = "activation_boundary"
 

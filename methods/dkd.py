@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from kdbench.method import FIDELITY_AUTHORS_CODE, Batch, Features, Method, MethodConfig, Progress
-from methods.kd import standardize_logits
+from kdbench.methods.kd import standardize_logits
 
 # mdistiller's SOLVER.EPOCHS for CIFAR-100: the recipe its 20 warm-up epochs belong to.
 REFERENCE_EPOCHS = 240

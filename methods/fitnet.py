@@ -39,7 +39,7 @@ from kdbench.method import (
     Progress,
     bounded,
 )
-from methods.kd import KDConfig, kd_loss
+from kdbench.methods.kd import KDConfig, kd_loss
 
 REGRESSOR_RELU = ("match", "always", "never")
 

@@ -45,7 +45,7 @@ from kdbench.method import (
     PretrainStage,
     Progress,
 )
-from methods.at import pair_stages, pool_to_common_size
+from kdbench.methods.at import pair_stages, pool_to_common_size
 
 
 def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:

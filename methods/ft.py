@@ -45,7 +45,7 @@ from kdbench.method import (
     PretrainStage,
     Progress,
 )
-from methods.at import pool_to_common_size
+from kdbench.methods.at import pool_to_common_size
 
 FACTORS = ("flatten", "attention")
 RECONSTRUCTIONS = ("l1", "mse")

@@ -60,7 +60,7 @@ from kdbench.method import (
     iter_parameters,
 )
 from kdbench.spectral import align_to_teacher, canonical_sign, right_singular_vectors
-from methods.mhgd import clip_transfer_gradients, transfer_bound_factor
+from kdbench.methods.mhgd import clip_transfer_gradients, transfer_bound_factor
 
 TRANSFER = "svd_rbf"  # the name of the transfer term, the one the gradient rule clips
 RBF_WIDTH = 8.0  # Shared.py KD_SVD: exp(−(v_S − v_Sb)²/8)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdbench.method import FIDELITY_PAPER, STAGES, Batch, Features, Method, MethodConfig, Progress
-from methods.at import pair_stages, pool_to_common_size
+from kdbench.methods.at import pair_stages, pool_to_common_size
 
 
 def selectivity_rows(feature: Tensor) -> Tensor:

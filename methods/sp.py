@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdbench.method import FIDELITY_PAPER, STAGES, Batch, Features, Method, MethodConfig, Progress
-from methods.at import pair_stages
+from kdbench.methods.at import pair_stages
 
 STAGE_CHOICES = ("last", "all")
 

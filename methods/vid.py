@@ -38,7 +38,7 @@ from kdbench.method import (
     MethodConfig,
     Progress,
 )
-from methods.at import pair_stages, pool_to_common_size
+from kdbench.methods.at import pair_stages, pool_to_common_size
 
 
 def inverse_softplus(value: float) -> float:

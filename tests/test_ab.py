@@ -15,7 +15,7 @@ from kdbench.store import Store
 from kdbench.taps import FeatureTaps
 from kdbench.testing import check_method
 from kdbench.train import parameters_feeding, train
-from methods.ab import AB, ab_loss, alternative_l2, connector
+from kdbench.methods.ab import AB, ab_loss, alternative_l2, connector
 
 SOURCE = torch.tensor([-2.0, -0.5, 0.5, 2.0, 0.5, -0.5])
 TARGET = torch.tensor([-1.0, -1.0, 1.0, 1.0, -1.0, 1.0])

@@ -26,8 +26,8 @@ from kdbench.method import (
 )
 from kdbench.spec import RunSpec
 from kdbench.testing import check_method
-from methods.at import AT, at_loss
-from methods.kd import KD, kd_loss
+from kdbench.methods.at import AT, at_loss
+from kdbench.methods.kd import KD, kd_loss
 
 PROGRESS = Progress(0, 2, 0, 1, 0)
 
@@ -52,7 +52,7 @@ def test_composed_loss_is_the_sum_of_the_parts_computed_independently() -> None:
 
 
 def test_crd_plus_kd_is_crd_alone_plus_the_kd_term() -> None:
-    from methods.crd import CRD
+    from kdbench.methods.crd import CRD
 
     shapes = FeatureShapes((), (6,), 5)
     composed = registry.get("crd+kd")()

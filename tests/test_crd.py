@@ -17,7 +17,7 @@ from kdbench.store import Store
 from kdbench.testing import check_method
 from kdbench.train import train
 from kdbench.worker import run_job
-from methods.crd import CRD, CRDConfig, memory_scores, momentum_update, nce_loss
+from kdbench.methods.crd import CRD, CRDConfig, memory_scores, momentum_update, nce_loss
 
 PROGRESS = Progress(0, 2, 0, 1, 0)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kdbench.method import Batch, FeatureShapes, Features, Progress
-from methods.crg import (
+from kdbench.methods.crg import (
     CRG,
     CRGConfig,
     bottom_eigenspace_projector,

@@ -14,7 +14,7 @@ from kdbench.spec import RunSpec
 from kdbench.store import Store
 from kdbench.testing import check_method
 from kdbench.train import train
-from methods.kdsvd import KDSVD, KDSVDConfig, correlation_loss
+from kdbench.methods.kdsvd import KDSVD, KDSVDConfig, correlation_loss
 
 SHAPES = [(4, 5, 5), (6, 3, 3), (8, 2, 2)]  # the last has H·W < C: the other Gram matrix
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.method import Batch, Features, Progress
-from methods.dist import DIST, DISTConfig, dist_terms, inter_class_relation, intra_class_relation
-from methods.dkd import DKD, DKDConfig, decoupled_kl, dkd_loss, warmup_factor
-from methods.kd import KD, KDConfig, kd_loss, standardize_logits
+from kdbench.methods.dist import DIST, DISTConfig, dist_terms, inter_class_relation, intra_class_relation
+from kdbench.methods.dkd import DKD, DKDConfig, decoupled_kl, dkd_loss, warmup_factor
+from kdbench.methods.kd import KD, KDConfig, kd_loss, standardize_logits
 
 
 def progress(epoch: int, epochs: int) -> Progress:

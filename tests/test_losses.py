@@ -18,10 +18,10 @@ from kdbench.method import Batch, FeatureShapes, Features, Progress
 from kdbench.models import build_model
 from kdbench.taps import FeatureTaps
 from kdbench.train import shapes_of
-from methods.at import AT, ATConfig, at_loss, attention_map, pair_stages
-from methods.fitnet import FitNet, FitNetConfig, hint_loss, regressor
-from methods.kd import KD, KDConfig, kd_loss
-from methods.rkd import RKD, RKDConfig, rkd_loss
+from kdbench.methods.at import AT, ATConfig, at_loss, attention_map, pair_stages
+from kdbench.methods.fitnet import FitNet, FitNetConfig, hint_loss, regressor
+from kdbench.methods.kd import KD, KDConfig, kd_loss
+from kdbench.methods.rkd import RKD, RKDConfig, rkd_loss
 
 PROGRESS = Progress(epoch=0, epochs=1, step=0, steps_per_epoch=1, pretrain_epochs=0)
 

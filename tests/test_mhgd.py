@@ -17,7 +17,7 @@ from kdbench.taps import FeatureTaps
 from kdbench.spectral import align_to_teacher, right_singular_vectors
 from kdbench.train import shapes_of, train
 from kdbench.worker import run_job
-from methods.mhgd import (
+from kdbench.methods.mhgd import (
     MHGD,
     TRANSFER,
     AttentionNetwork,

@@ -11,7 +11,7 @@ import scipy.stats
 import torch
 
 from kdbench.method import Batch, FeatureShapes, Features, Progress
-from methods.ofd import OFD, OFDConfig, channel_margin, margins_from_norm, partial_l2
+from kdbench.methods.ofd import OFD, OFDConfig, channel_margin, margins_from_norm, partial_l2
 
 PROGRESS = Progress(epoch=0, epochs=2, step=0, steps_per_epoch=1, pretrain_epochs=0)
 

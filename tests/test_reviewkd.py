@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kdbench.method import Batch, FeatureShapes, Features, Progress
-from methods.reviewkd import ReviewKD, ReviewKDConfig, hcl_loss, warmup_factor
+from kdbench.methods.reviewkd import ReviewKD, ReviewKDConfig, hcl_loss, warmup_factor
 
 
 def test_hcl_hand_value_on_a_two_by_two_map() -> None:

@@ -98,16 +98,16 @@ def test_record_has_metrics_history_and_provenance(results_with_teacher):
     from importlib.metadata import version
     from pathlib import Path
 
-    import methods.kd
+    import kdbench.methods.kd
     from kdbench.store import sha256_file
     from kdbench.train import TRAINING_VERSION
 
     assert record["method_display_name"] == "KD"
-    assert provenance["fidelity"] == "paper" and provenance["fidelity_note"] == methods.kd.KD.fidelity_note
+    assert provenance["fidelity"] == "paper" and provenance["fidelity_note"] == kdbench.methods.kd.KD.fidelity_note
     assert provenance["method_distribution"] == "kdbench"
     assert provenance["method_distribution_version"] == version("kdbench")
     assert provenance["training_version"] == TRAINING_VERSION
-    kd_file = sha256_file(Path(methods.kd.__file__))
+    kd_file = sha256_file(Path(kdbench.methods.kd.__file__))
     assert provenance["method_source_files"] == {"methods/kd.py": kd_file}
     assert provenance["method_source_sha256"] == kd_file  # one file: its own hash, as before
     assert record["setting"]["recipe"]["epochs"] == 2

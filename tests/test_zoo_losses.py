@@ -25,10 +25,10 @@ from kdbench.cli import main
 from kdbench.method import FIDELITIES, Batch, FeatureShapes, Features, Progress
 from kdbench.testing import check_method_class
 from kdbench.train import stage_overrides
-from methods.cc import CC, CCConfig, correlation_congruence, repdistiller_correlation, taylor_rbf_kernel
-from methods.fsp import FSP, FSPConfig, fsp_loss, fsp_matrix
-from methods.ft import FT, FTConfig, Paraphraser, factor_transfer_loss
-from methods.nst import (
+from kdbench.methods.cc import CC, CCConfig, correlation_congruence, repdistiller_correlation, taylor_rbf_kernel
+from kdbench.methods.fsp import FSP, FSPConfig, fsp_loss, fsp_matrix
+from kdbench.methods.ft import FT, FTConfig, Paraphraser, factor_transfer_loss
+from kdbench.methods.nst import (
     NST,
     nst_loss,
     poly_mmd,
@@ -36,9 +36,9 @@ from methods.nst import (
     poly_mmd_by_positions,
     selectivity_rows,
 )
-from methods.pkt import PKT, PKTConfig, conditional_probabilities, pkt_loss
-from methods.sp import SP, SPConfig, similarity_matrix, sp_loss
-from methods.vid import VID, VariationalGaussian, per_position, vid_nll
+from kdbench.methods.pkt import PKT, PKTConfig, conditional_probabilities, pkt_loss
+from kdbench.methods.sp import SP, SPConfig, similarity_matrix, sp_loss
+from kdbench.methods.vid import VID, VariationalGaussian, per_position, vid_nll
 
 PROGRESS = Progress(epoch=0, epochs=1, step=0, steps_per_epoch=1, pretrain_epochs=0)
 ZOO = ("sp", "cc", "vid", "pkt", "nst", "fsp", "ft")

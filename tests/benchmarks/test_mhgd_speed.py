@@ -35,7 +35,7 @@ from kdbench.models import build_model
 from kdbench.spectral import right_singular_vectors
 from kdbench.taps import FeatureTaps
 from kdbench.train import build_optimizer, shapes_of
-from methods.mhgd import MHGD, TRANSFER
+from kdbench.methods.mhgd import MHGD, TRANSFER
 
 TEACHER, STUDENT = "wrn_16_2", "wrn_16_1"
 NUM_CLASSES, IMAGE_SIZE = 100, 32
