@@ -10,6 +10,7 @@ silent overwrite.
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, version
@@ -71,9 +72,10 @@ def get(name: str) -> type[Method]:
     # Any import-time error of a plugin is the plugin's, not ours; sys.exit() at import too (a
     # SystemExit would end kdbench with the plugin's message and no word of which plugin).
     except (Exception, SystemExit) as error:
+        imported = imported_module(registration.target) if isinstance(error, AttributeError) else ""
         raise BrokenPlugin(
             f"method {name!r} ({registration.target}, from {registration.distribution}) "
-            f"failed to import: {type(error).__name__}: {error}"
+            f"failed to import: {type(error).__name__}: {error}{imported}"
         ) from error
     if not (inspect.isclass(loaded) and issubclass(loaded, Method)):
         raise BrokenPlugin(f"method {name!r} ({registration.target}) is not a kdbench Method")
@@ -82,6 +84,21 @@ def get(name: str) -> type[Method]:
             f"method {name!r} ({registration.target}) declares name {getattr(loaded, 'name', None)!r}"
         )
     return loaded
+
+
+def imported_module(target: str) -> str:
+    """Which module an entry point ``module:Class`` imported, when the class was not in it: the
+    name may have found another module first on sys.path. A plugin's project folder of the
+    module's name, seen from its parent directory, imports as a namespace package (issue 19)."""
+    module = sys.modules.get(target.partition(":")[0].strip())
+    if module is None:
+        return ""
+    if getattr(module, "__file__", None):
+        return f"; the module imported as {module.__name__} is {module.__file__}"
+    folders = ", ".join(str(folder) for folder in getattr(module, "__path__", []))
+    return (f"; the module imported as {module.__name__} is a namespace package over {folders} "
+            f"(a folder without __init__.py found first on sys.path, e.g. the plugin's project "
+            f"folder from its parent directory): run kdbench from another directory")
 
 
 def source_sha256(method: type[Method]) -> str:

@@ -1,5 +1,7 @@
 """The registry: built-ins arrive through the entry-point group, lazily, with clear errors."""
 
+import sys
+
 import pytest
 
 from kdbench import registry
@@ -45,3 +47,47 @@ def test_config_round_trips_through_json():
     assert Example.from_json(config.to_json()) == config
     assert parse_config_value(Example, "layers", "1,2,3") == (1, 2, 3)
     assert parse_config_value(Example, "flag", "true") is True
+
+
+@pytest.fixture
+def plugin_site(tmp_path, monkeypatch):
+    """A distribution registering ``nsplugin = nsplugin:NsPlugin`` (its dist-info is all
+    importlib.metadata reads), on sys.path for one test; the registry rescans then and after."""
+    site = tmp_path / "site"
+    info = site / "nsplugin-0.1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: nsplugin\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text("[kdbench.methods]\nnsplugin = nsplugin:NsPlugin\n")
+    monkeypatch.syspath_prepend(str(site))
+
+    def rescan():
+        registry.registrations.cache_clear()
+        registry.get.cache_clear()
+        sys.modules.pop("nsplugin", None)
+
+    rescan()
+    yield site
+    rescan()
+
+
+def test_a_plugin_shadowed_by_a_namespace_package_names_the_folder_imported(plugin_site, tmp_path, monkeypatch):
+    # The plugin's project folder "nsplugin/" (pyproject.toml, nsplugin.py) seen from its parent
+    # directory, first on sys.path as the current directory is: `import nsplugin` finds the
+    # folder, a namespace package without the class.
+    parent = tmp_path / "parent"
+    (parent / "nsplugin").mkdir(parents=True)
+    (parent / "nsplugin" / "nsplugin.py").write_text("class NsPlugin: ...\n")
+    monkeypatch.syspath_prepend(str(parent))
+    with pytest.raises(registry.BrokenPlugin) as raised:
+        registry.get("nsplugin")
+    message = str(raised.value)
+    assert "has no attribute 'NsPlugin'" in message
+    assert f"namespace package over {parent / 'nsplugin'}" in message
+    assert "\n" not in message
+
+
+def test_a_plugin_module_without_its_class_names_the_file_imported(plugin_site):
+    (plugin_site / "nsplugin.py").write_text("class SomethingElse: ...\n")
+    with pytest.raises(registry.BrokenPlugin, match="has no attribute 'NsPlugin'") as raised:
+        registry.get("nsplugin")
+    assert f"the module imported as nsplugin is {plugin_site / 'nsplugin.py'}" in str(raised.value)
