@@ -18,8 +18,9 @@ import argparse
 import dataclasses
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Sequence
 
-from kdbench.grid import RunState, stale_lines, stale_runs, state_of
+from kdbench.grid import RunState, stale_lines, stale_runs, state_of, with_baseline
 from kdbench.spec import FP32, PRECISIONS, TEACHER, RunSpec
 from kdbench.store import Store
 
@@ -111,6 +112,29 @@ def grid_states(grid, store: Store, precision_given: bool) -> list[RunState]:
     return list(states.values())
 
 
+def listing_order(states: list[RunState], settings_order: Sequence[str] = (),
+                  methods_order: Sequence[str] = ()) -> list[RunState]:
+    """The states as `status` lists them, whatever order the store or SLURM gave: by setting
+    (in the order given, then the built-in settings' order, then by name), teacher first, then
+    by method (the baseline, then the order given, then the registry's, then by name), by
+    precision (fp32 first) and by seed."""
+    from kdbench import registry
+    from kdbench.settings import SETTINGS
+
+    settings_rank = {name: rank for rank, name in enumerate(dict.fromkeys([*settings_order, *SETTINGS]))}
+    methods_rank = {name: rank for rank, name in
+                    enumerate(dict.fromkeys(with_baseline([*methods_order, *registry.names()])))}
+
+    def key(state: RunState) -> tuple:
+        spec = state.spec
+        method = (-1, "") if spec.role == TEACHER else (methods_rank.get(spec.method, len(methods_rank)), spec.method)
+        precision = PRECISIONS.index(spec.precision) if spec.precision in PRECISIONS else len(PRECISIONS)
+        return (settings_rank.get(spec.setting, len(settings_rank)), spec.setting, method, precision,
+                spec.precision, spec.seed, spec.label(), spec.id)
+
+    return sorted(states, key=key)
+
+
 def print_status(args: argparse.Namespace) -> int:
     from kdbench.cli import grid_from_args
     from kdbench.errors import UserError
@@ -120,12 +144,14 @@ def print_status(args: argparse.Namespace) -> int:
     if args.methods or args.setting or args.seeds or args.seed_list:
         grid, _ = grid_from_args(args, creating=False)
         states = grid_states(grid, store, precision_given=args.precision is not None)
+        order: tuple[Sequence[str], Sequence[str]] = (grid.settings, grid.methods)
     else:
         jobs_dir = results / "slurm" / "jobs"
         if not store.runs_dir.is_dir() and not jobs_dir.is_dir():
             raise UserError(f"no results in {args.results} (no runs/ directory, nothing submitted)")
         states = stored_states(store) if store.runs_dir.is_dir() else []
         known = {state.spec.id for state in states}
+        order = ((), ())
         if jobs_dir.is_dir():
             from kdbench.slurm import read_submissions
 
@@ -137,6 +163,7 @@ def print_status(args: argparse.Namespace) -> int:
     stale_ids = {state.spec.id for runs in stale.values() for state in runs}
     states = [dataclasses.replace(state, state="stale") if state.spec.id in stale_ids else state
               for state in states]
+    states = listing_order(states, *order)
 
     table: dict[tuple[str, str], Counter] = defaultdict(Counter)
     for state in states:
