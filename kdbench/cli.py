@@ -514,13 +514,22 @@ def launch_grid(args: argparse.Namespace, teachers, students, chosen) -> list:
     options = TrainOptions(device=args.device, compile=args.compile, data_dir=args.data_dir,
                            deterministic=args.deterministic, keep=args.keep,
                            tensorboard=args.tensorboard)
-    if not on_gpu and args.executor != "slurm":
+    from kdbench.progress import start_estimate
+    from kdbench.store import Store
+
+    # Epoch times measured by the runs this directory holds: the start estimate, and the
+    # display's time left until this grid has measured its own.
+    records = list(Store(Path(args.results)).records()) if Path(args.results).is_dir() else []
+    measured = start_estimate(teachers + students, records, jobs) if args.executor != "slurm" else None
+    if measured:
+        print(measured, file=sys.stderr, flush=True)
+    elif not on_gpu and args.executor != "slurm":
         from kdbench.estimate import cpu_cost_warning
 
         warning = cpu_cost_warning(teachers, students, chosen, jobs, args.data_dir)
         if warning:
             print(warning, file=sys.stderr, flush=True)
-    display = ProgressDisplay(len(teachers) + len(students))
+    display = ProgressDisplay(teachers + students, jobs=jobs, records=records)
     executor = make_executor(args.executor, jobs=jobs, display=display, preset=args.slurm,
                              preset_overrides=slurm_overrides(args), wait=not args.no_wait,
                              snapshot=args.snapshot)

@@ -72,10 +72,16 @@ def cpu_cost_warning(teachers: list[RunSpec], students: list[RunSpec], chosen: l
     finally:
         torch.set_num_threads(threads)
     hours = total / jobs / 3600
+    # Rough: one timed step per network pair, no evaluation, no start-up, no pre-training
+    # stages; with records in the results directory, kdbench.progress estimates from their
+    # measured epoch times instead.
+    rough = ("a rough estimate from one timed training step per network pair, without "
+             "evaluation or pre-training stages")
     if hours < 0.25:
-        return f"kdbench: no GPU: running on the CPU, about {hours * 60:.0f} min for this grid"
+        return (f"kdbench: no GPU: running on the CPU, roughly {max(1, round(hours * 60))} min for "
+                f"this grid ({rough})")
     quick = all(setting.name == QUICK_SETTING for setting in chosen)
-    return (f"kdbench: warning: no GPU: this grid will take about {hours:.1f} hours on this CPU "
-            f"({jobs} runs at a time, measured step times; excludes evaluation)"
+    return (f"kdbench: warning: no GPU: this grid will take roughly {hours:.1f} hours on this CPU "
+            f"({jobs} runs at a time; {rough})"
             + ("" if quick else ". Use --executor slurm for a GPU cluster, or "
                f"--setting {QUICK_SETTING} for a quick check"))

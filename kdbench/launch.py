@@ -92,7 +92,7 @@ class InProcessExecutor:
             if outcome["status"] != "done" and spec in teachers:
                 failed_teachers[spec.id] = outcome["error"]
             if self.display:
-                self.display.finish(label, outcome["status"], finish_detail(outcome))
+                self.display.finish(label, outcome["status"], finish_detail(outcome), outcome.get("top1"))
             outcomes.append(Result(spec, outcome["status"], outcome.get("error")))
         return outcomes
 
@@ -281,7 +281,8 @@ class LocalExecutor:
         if outcome is None:
             outcome = record_death(worker.spec, store, death_cause(worker.process.exitcode))
         if self.display:
-            self.display.finish(worker.spec.label(), outcome["status"], finish_detail(outcome))
+            self.display.finish(worker.spec.label(), outcome["status"], finish_detail(outcome),
+                                outcome.get("top1"))
         return outcome
 
     def _stop(self, workers: list[Worker]) -> None:

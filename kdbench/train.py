@@ -365,6 +365,11 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
             "threads": torch.get_num_threads(),
         })
 
+    # What progress displays count (kdbench.progress): every stage's epochs, and how many of
+    # them the checkpoint had done (a resumed run).
+    report({"event": "start", "schedule": schedule, "epochs": sum(epochs for _, epochs in schedule),
+            "done": len(history)})
+
     # ---- stages ----------------------------------------------------------------------------
     for stage_index, (stage_name, epochs) in enumerate(schedule):
         if stage_index < start_stage:

@@ -110,7 +110,8 @@ def run_job(spec_json: dict[str, Any], results: str, options_json: dict[str, Any
                 record = train(spec, store, options, on_progress)
             store.write(record)
             store.checkpoint_path(spec.id).unlink(missing_ok=True)  # the record is the result now
-            return {"id": spec.id, "status": "done", "error": None}
+            return {"id": spec.id, "status": "done", "error": None,
+                    "top1": (record.get("metrics") or {}).get("top1_last")}  # for the progress display
         except Exception as error:
             store.write(failed_record(spec, error))
             if raise_on_failure:
