@@ -520,7 +520,8 @@ def launch_grid(args: argparse.Namespace, teachers, students, chosen) -> list:
     # Epoch times measured by the runs this directory holds: the start estimate, and the
     # display's time left until this grid has measured its own.
     records = list(Store(Path(args.results)).records()) if Path(args.results).is_dir() else []
-    measured = start_estimate(teachers + students, records, jobs) if args.executor != "slurm" else None
+    device = "cuda" if on_gpu else "cpu"
+    measured = start_estimate(teachers + students, records, jobs, device) if args.executor != "slurm" else None
     if measured:
         print(measured, file=sys.stderr, flush=True)
     elif not on_gpu and args.executor != "slurm":
@@ -529,7 +530,7 @@ def launch_grid(args: argparse.Namespace, teachers, students, chosen) -> list:
         warning = cpu_cost_warning(teachers, students, chosen, jobs, args.data_dir)
         if warning:
             print(warning, file=sys.stderr, flush=True)
-    display = ProgressDisplay(teachers + students, jobs=jobs, records=records)
+    display = ProgressDisplay(teachers + students, jobs=jobs, records=records, device=device)
     executor = make_executor(args.executor, jobs=jobs, display=display, preset=args.slurm,
                              preset_overrides=slurm_overrides(args), wait=not args.no_wait,
                              snapshot=args.snapshot)

@@ -23,7 +23,7 @@ import math
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence, TextIO
 
 from kdbench.spec import TEACHER, RunSpec
@@ -93,8 +93,10 @@ def spec_of(record: Mapping[str, Any]) -> RunSpec | None:
         return None
 
 
-def measured_in(records: Iterable[Mapping[str, Any]]) -> tuple[EpochTimes, dict[tuple, list[tuple[str, int]]]]:
-    """Epoch times from the histories of stored records, and the schedules (pre-training
+def measured_in(records: Iterable[Mapping[str, Any]], device: str | None = None
+                ) -> tuple[EpochTimes, dict[tuple, list[tuple[str, int]]]]:
+    """Epoch times from the histories of stored records (those made on ``device``, "cpu" or
+    "cuda", when given: a GPU's epochs say nothing of a CPU's), and the schedules (pre-training
     stages and their epochs, then the main stage) of the runs they made."""
     times = EpochTimes()
     schedules: dict[tuple, list[tuple[str, int]]] = {}
@@ -102,14 +104,13 @@ def measured_in(records: Iterable[Mapping[str, Any]]) -> tuple[EpochTimes, dict[
         spec = spec_of(record)
         if spec is None or record.get("status") != "done":
             continue
-        history = record.get("history") or []
-        for entry in history:
-            if isinstance(entry, Mapping) and "seconds" in entry:
-                times.add(spec, str(entry.get("stage", MAIN_STAGE)), entry["seconds"])
-        stages: list[str] = []
-        for entry in history:
-            stage = str(entry.get("stage", MAIN_STAGE)) if isinstance(entry, Mapping) else MAIN_STAGE
-            stages.append(stage)
+        history = [entry for entry in record.get("history") or [] if isinstance(entry, Mapping)]
+        stages = [str(entry.get("stage", MAIN_STAGE)) for entry in history]
+        made_on = str((record.get("provenance") or {}).get("device", ""))
+        if device is None or made_on.startswith(device):
+            for stage, entry in zip(stages, history):
+                if "seconds" in entry:
+                    times.add(spec, stage, entry["seconds"])
         if stages:
             order = list(dict.fromkeys(stages))
             schedules[_schedule_key(spec)] = [(stage, stages.count(stage)) for stage in order]
@@ -162,10 +163,8 @@ class RunProgress:
     known: bool  # the schedule includes its pre-training stages
     done: int = 0  # epochs finished, a resumed run's checkpointed ones included
     state: str = "pending"  # pending | running | finished
-    line: str = "starting"
     epoch_started: float | None = None  # time.monotonic() when its current epoch began
     top1: float | None = None  # its last test top-1
-    resumed_at: int = 0  # epochs its checkpoint had done when it started
 
     @property
     def planned(self) -> int:
@@ -197,11 +196,12 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def start_estimate(specs: Sequence[RunSpec], records: Iterable[Mapping[str, Any]], jobs: int) -> str | None:
+def start_estimate(specs: Sequence[RunSpec], records: Iterable[Mapping[str, Any]], jobs: int,
+                   device: str | None = None) -> str | None:
     """The line printed before a grid starts: its time from epoch times measured in the
-    results directory, or None when no stored run measured the kinds of epoch it trains (the
-    caller then gives a rough estimate and says so)."""
-    times, schedules = measured_in(records)
+    results directory (on ``device``), or None when no stored run measured the kinds of epoch
+    it trains (the caller then gives a rough estimate and says so)."""
+    times, schedules = measured_in(records, device)
     runs = [RunProgress(spec, *planned_schedule(spec, schedules)) for spec in specs]
     stand_ins: list[RunSpec] = []
     total = simulate(runs, times, jobs, time.monotonic(), stand_ins)
@@ -270,11 +270,11 @@ def simulate(runs: Sequence[RunProgress], times: EpochTimes, jobs: int, now: flo
 class ProgressDisplay:
     def __init__(self, runs: int | Sequence[RunSpec], stream: TextIO | None = None,
                  live: bool | None = None, jobs: int = 1,
-                 records: Iterable[Mapping[str, Any]] = ()) -> None:
+                 records: Iterable[Mapping[str, Any]] = (), device: str | None = None) -> None:
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
         self.jobs = max(1, jobs)
-        self.times, schedules = measured_in(records)
+        self.times, schedules = measured_in(records, device)
         specs: list[RunSpec | None] = [None] * runs if isinstance(runs, int) else list(runs)
         self.runs = [RunProgress(spec, *planned_schedule(spec, schedules)) if spec is not None
                      else RunProgress(None, [], True) for spec in specs]
@@ -324,7 +324,7 @@ class ProgressDisplay:
             done = int(event.get("done", 0))
             if run is not None and run.spec is not None:
                 run.schedule = [(str(name), int(epochs)) for name, epochs in event.get("schedule", [])]
-                run.done = run.resumed_at = done
+                run.done = done
                 run.epoch_started = time.monotonic()
                 for other in self.runs:  # its other seeds train the same stages
                     if other.spec is not None and _schedule_key(other.spec) == _schedule_key(run.spec):

@@ -104,7 +104,14 @@ def test_stored_records_give_the_start_estimate_and_the_stages_of_a_method():
     display = ProgressDisplay(fitnets, stream=io.StringIO(), live=False, records=[measured, teacher])
     assert [run.schedule for run in display.runs] == [[("hints", 1), ("main", 2)]] * 2
     assert display.seconds_left() == pytest.approx(2 * (2.0 + 2 * 6.0))
-    line = start_estimate(fitnets, [measured, teacher], jobs=1)
+    # A GPU's epochs say nothing of this CPU's: only records made on the device count.
+    on_gpu = {**measured, "id": "g", "spec": RunSpec(SETTING, "fitnet", 8).to_json(),
+              "provenance": {"device": "cuda: NVIDIA H100"},
+              "history": [{**entry, "seconds": 0.1} for entry in measured["history"]]}
+    measured["provenance"] = teacher["provenance"] = {"device": "cpu: x86_64"}
+    line = start_estimate(fitnets, [measured, teacher, on_gpu], jobs=1, device="cpu")
+    assert start_estimate(fitnets, [measured, on_gpu], jobs=1, device="cuda").startswith(
+        "kdbench: about 1 s of training")  # 2 × (0.1 + 2 × 0.1) = 0.6 s
     assert line == ("kdbench: about 28 s of training for this grid (6 epochs, up to 1 run at a time; from 7 epoch "
                     "times measured in this results directory)")
     # Nothing measured for this grid's kinds of epoch: no estimate from records (the CLI then
