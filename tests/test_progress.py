@@ -82,15 +82,17 @@ def test_a_log_counts_epochs_teacher_first_and_simulates_the_time_left():
 
 def test_a_resumed_run_says_from_where_and_counts_its_checkpointed_epochs():
     log = io.StringIO()
-    spec = RunSpec(SETTING, "fitnet", 0, overrides={"epochs": 3})
-    display = ProgressDisplay([spec], stream=log, live=False)
+    spec, other_seed = (RunSpec(SETTING, "fitnet", seed, overrides={"epochs": 3}) for seed in (0, 1))
+    display = ProgressDisplay([spec, other_seed], stream=log, live=False)
     # fitnet has a hint stage that only its start event (or a stored run) tells: "+".
-    assert display.epochs() == (0, 3, False)
-    assert "0/3+ epochs" in display._summary()
+    assert display.epochs() == (0, 6, False)
+    assert "0/6+ epochs" in display._summary()
     started(display, spec, [["hints", 2], ["main", 3]], done=3)
     assert log.getvalue().splitlines() == [f"  resuming {spec.label()} from its checkpoint: epoch 3 of 5 done"]
-    assert display.epochs() == (3, 5, True)
+    # The other seed trains the same stages: known now too.
+    assert display.epochs() == (3, 10, True)
     assert display.runs[0].remaining() == [("main", 2)]
+    assert display.runs[1].remaining() == [("hints", 2), ("main", 3)]
 
 
 def test_stored_records_give_the_start_estimate_and_the_stages_of_a_method():
