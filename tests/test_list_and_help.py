@@ -30,3 +30,17 @@ def test_every_option_of_every_command_has_a_help_text():
     assert missing == []
     run = commands["run"].format_help()
     assert "--teacher-seed SEED" in run and "teacher every student distils from" in run
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback() -> None:
+    # `kdbench list | head -1`: the pipe closes while list is still writing.
+    import subprocess
+    import sys
+
+    lister = subprocess.Popen([sys.executable, "-m", "kdbench", "list"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    first = lister.stdout.readline()
+    lister.stdout.close()
+    stderr = lister.stderr.read().decode()
+    assert lister.wait(timeout=120) == 141 and first.startswith(b"Methods"), stderr
+    assert "Traceback" not in stderr and stderr == ""
