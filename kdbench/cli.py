@@ -99,7 +99,10 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
                              "teacher seed is trained once and is a different experiment, so its "
                              "student runs get their own ids and table rows")
     parser.add_argument("--teacher-checkpoint", type=Path,
-                        help="use this teacher state_dict instead of training one")
+                        help="use this teacher state_dict instead of training one: a file (a "
+                             "torchvision or timm state_dict fits their networks), or "
+                             "torchvision:<model> for torchvision's ImageNet weights where they "
+                             "are in the torch hub cache (never downloaded)")
     parser.add_argument("--precision", choices=["fp32", "bf16"],
                         help="the networks' arithmetic: bf16 autocast (losses stay fp32) or fp32; "
                              "default bf16 where the runs get a GPU, fp32 on the CPU. Part of "
@@ -275,25 +278,27 @@ def grid_from_args(args: argparse.Namespace, creating: bool):
     checksum = None
     if args.teacher_checkpoint is not None:
         from kdbench.store import Store
-        from kdbench.teachers import register_checkpoint
+        from kdbench.teachers import register_checkpoint, resolve_checkpoint
 
         if len(chosen) != 1:
             raise UserError("--teacher-checkpoint needs exactly one --setting")
-        if args.teacher_checkpoint.is_dir():
-            raise UserError(f"teacher checkpoint {args.teacher_checkpoint} is a directory, not a "
+        checkpoint = resolve_checkpoint(args.teacher_checkpoint, chosen[0])
+        if checkpoint.is_dir():
+            raise UserError(f"teacher checkpoint {checkpoint} is a directory, not a "
                             "state_dict file")
-        if not args.teacher_checkpoint.is_file():
-            raise UserError(f"teacher checkpoint {args.teacher_checkpoint} does not exist")
+        if not checkpoint.is_file():
+            raise UserError(f"teacher checkpoint {checkpoint} does not exist")
         if creating:
             check_results_dir(args.results)
-            checksum = register_checkpoint(args.teacher_checkpoint, chosen[0], Store(args.results),
-                                           args.teacher_seed)
+            checksum = register_checkpoint(checkpoint, chosen[0], Store(args.results),
+                                           args.teacher_seed, getattr(args, "data_dir", None))
         else:
             from kdbench.store import sha256_file
 
-            checksum = sha256_file(args.teacher_checkpoint)
+            checksum = sha256_file(checkpoint)
     return Grid(tuple(s.name for s in chosen), tuple(methods), tuple(seeds), sweep,
-                args.teacher_seed, checksum, resolve_precision(args), held_out_of(args)), chosen
+                args.teacher_seed, checksum, resolve_precision(args), held_out_of(args),
+                {s.name: s.spec_fields() for s in chosen}), chosen
 
 
 def held_out_of(args: argparse.Namespace) -> float | None:
@@ -334,8 +339,14 @@ def command_run(args: argparse.Namespace) -> int:
     check_device(args)
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise UserError(f"--data-dir {args.data_dir} does not exist")
+    missing_data = []
     for setting in chosen:
-        data.require(setting.dataset, args.data_dir)
+        try:
+            data.require_data(setting.dataset, setting.dataset_options, args.data_dir)
+        except UserError as error:
+            if not args.dry_run:
+                raise
+            missing_data.append(str(error))  # a dry run plans the grid all the same
     if args.tensorboard:
         from kdbench.logs import require_tensorboard
 
@@ -379,6 +390,8 @@ def command_run(args: argparse.Namespace) -> int:
     elif args.dry_run:
         for spec in todo_teachers + todo_students:
             print(f"  would run {spec.label()} ({spec.id})")
+        for line in missing_data:
+            print(f"kdbench: note: a real run would stop here: {line}", file=sys.stderr)
         return 0
     else:
         results = launch_grid(args, todo_teachers, todo_students, chosen)
