@@ -26,6 +26,7 @@ MAX_SEED = 2**32 - 1
 # A grid larger than this is a typo (``--seeds 100000000000``), not an experiment: its run list
 # alone would not fit in memory. Each run is minutes to hours of training.
 MAX_GRID_RUNS = 100_000
+MAX_LOADER_WORKERS = 64  # DataLoader processes per run: more is a typo, not a machine
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -127,6 +128,10 @@ def build_parser() -> ArgumentParser:
                           "slurm, N runs per array task (a preset with a GPU per task)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     run.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    run.add_argument("--loader-workers", type=int, metavar="N",
+                     help="DataLoader worker processes of an ImageFolder dataset (default: one "
+                          "per core, at most 8); its batches are the same for any N. In-memory "
+                          "datasets use none")
     run.add_argument("--deterministic", action="store_true",
                      help="deterministic kernels on CUDA (no cuDNN autotuning): bit-identical "
                           "reruns on the same GPU, slower; the CPU is deterministic anyway")
@@ -339,6 +344,9 @@ def command_run(args: argparse.Namespace) -> int:
     check_device(args)
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise UserError(f"--data-dir {args.data_dir} does not exist")
+    if args.loader_workers is not None and not 0 <= args.loader_workers <= MAX_LOADER_WORKERS:
+        raise UserError(f"--loader-workers: from 0 (load in the training process) to "
+                        f"{MAX_LOADER_WORKERS}, got {args.loader_workers}")
     missing_data = []
     for setting in chosen:
         try:
@@ -526,7 +534,7 @@ def launch_grid(args: argparse.Namespace, teachers, students, chosen) -> list:
     jobs = args.runs_per_gpu or args.jobs or (1 if on_gpu else min(2, cores))
     options = TrainOptions(device=args.device, compile=args.compile, data_dir=args.data_dir,
                            deterministic=args.deterministic, keep=args.keep,
-                           tensorboard=args.tensorboard)
+                           tensorboard=args.tensorboard, loader_workers=args.loader_workers)
     if not on_gpu and args.executor != "slurm":
         from kdbench.estimate import cpu_cost_warning
 
