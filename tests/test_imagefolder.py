@@ -244,3 +244,12 @@ def test_the_imagenet_grid_is_planned_without_its_data(tmp_path: Path, capsys) -
     # A real run would stop at the missing data: the dry run says so, on stderr.
     assert "imagenet/train does not exist" in captured.err
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").rglob("*.json"))
+
+
+@pytest.mark.parametrize("workers", ["-1", "65"])
+def test_loader_workers_out_of_range_is_one_line(tmp_path: Path, capsys, workers: str) -> None:
+    code = main(["run", "--methods", "kd", "--setting", "synthetic/tiny", "--seeds", "1",
+                 "--loader-workers", workers, "--results", str(tmp_path / "r"), "--dry-run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"kdbench: error: --loader-workers: from 0 (load in the training "
+                                 f"process) to 64, got {workers}"]
