@@ -499,8 +499,11 @@ def check_main_step(method: Method, student: nn.Module, student_taps: FeatureTap
 # --- step 3: every setting's pair, on feature shapes ---------------------------------------------
 
 @lru_cache(maxsize=None)
+@lru_cache(maxsize=None)
 def architecture_shapes(arch: str, num_classes: int, in_channels: int, size: int) -> FeatureShapes:
-    """Feature shapes of ``arch`` at the setting's real image size, from a dry forward pass."""
+    """Feature shapes of ``arch`` at the setting's real image size, from a dry forward pass.
+    Cached: shapes do not depend on the weights, and every method's contract asks for the same
+    pairs (the ImageNet settings' ResNet50 at 224 px once, not once per method)."""
     model = build_model(arch, num_classes, in_channels).eval()
     taps = FeatureTaps(model, ROLES)
     try:
