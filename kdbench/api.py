@@ -188,12 +188,12 @@ def load_student(results: PathLike, run_id: str, which: str = "last", device: st
     The network is built from the record's own setting (architecture, classes, input
     channels), so it loads even where the setting is no longer defined; its file is checked
     against the record's checksum. It maps normalised images to logits: pixels / 255, then
-    ``(x - mean) / std`` with ``kdbench.data.NORMALISATION[dataset]`` (``evaluate`` does
+    ``(x - mean) / std`` with the dataset's normalisation (``evaluate`` does
     this). A teacher's run id gives the teacher.
     """
     import torch
 
-    from kdbench.data import DATASET_SHAPES
+    from kdbench.data import shape_of
     from kdbench.models import build_model
     from kdbench.store import sha256_file
     from kdbench.students import KEEP_CHOICES, WEIGHTS_FIELD
@@ -217,7 +217,9 @@ def load_student(results: PathLike, run_id: str, which: str = "last", device: st
                         "(changed or replaced since the run)")
     setting = record["setting"]
     arch = setting["teacher"] if record["spec"].get("role") == "teacher" else setting["student"]
-    in_channels, _ = DATASET_SHAPES[setting["dataset"]]
+    # Records made before "in_channels" was stored: the dataset plugin says.
+    in_channels = setting.get("in_channels") or shape_of(setting["dataset"],
+                                                         setting.get("dataset_options")).in_channels
     model = build_model(arch, setting["num_classes"], in_channels)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.to(device).eval()
@@ -234,14 +236,17 @@ def evaluate(model, setting: str, data_dir: PathLike | None = None,
     import torch
 
     from kdbench import settings
-    from kdbench.data import BatchStream, load_dataset
+    from kdbench.data import open_stream
     from kdbench.settings import Augmentation
     from kdbench.train import evaluate as evaluate_on
 
-    chosen = settings.get(setting)
+    [chosen] = settings.expand([setting]) if settings.is_path(setting) else [settings.get(setting)]
     device = next(model.parameters()).device
-    dataset = load_dataset(chosen.dataset, Path(data_dir) if data_dir else None)
-    stream = BatchStream(dataset, device, 1, Augmentation(), seed=0)
+    # The test split does not depend on the training subset or the seed; an ImageFolder
+    # stream's test batches are at most the recipe's batch size, as in training.
+    stream = open_stream(chosen.dataset, chosen.dataset_options, None, device,
+                         chosen.recipe.batch_size, Augmentation(), 0,
+                         Path(data_dir) if data_dir else None)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     return evaluate_on(model, stream, autocast, channels_last=False)

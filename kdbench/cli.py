@@ -26,6 +26,7 @@ MAX_SEED = 2**32 - 1
 # A grid larger than this is a typo (``--seeds 100000000000``), not an experiment: its run list
 # alone would not fit in memory. Each run is minutes to hours of training.
 MAX_GRID_RUNS = 100_000
+MAX_LOADER_WORKERS = 64  # DataLoader processes per run: more is a typo, not a machine
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -99,7 +100,10 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
                              "teacher seed is trained once and is a different experiment, so its "
                              "student runs get their own ids and table rows")
     parser.add_argument("--teacher-checkpoint", type=Path,
-                        help="use this teacher state_dict instead of training one")
+                        help="use this teacher state_dict instead of training one: a file (a "
+                             "torchvision or timm state_dict fits their networks), or "
+                             "torchvision:<model> for torchvision's ImageNet weights where they "
+                             "are in the torch hub cache (never downloaded)")
     parser.add_argument("--precision", choices=["fp32", "bf16"],
                         help="the networks' arithmetic: bf16 autocast (losses stay fp32) or fp32; "
                              "default bf16 where the runs get a GPU, fp32 on the CPU. Part of "
@@ -124,6 +128,10 @@ def build_parser() -> ArgumentParser:
                           "slurm, N runs per array task (a preset with a GPU per task)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     run.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    run.add_argument("--loader-workers", type=int, metavar="N",
+                     help="DataLoader worker processes of an ImageFolder dataset (default: one "
+                          "per core, at most 8); its batches are the same for any N. In-memory "
+                          "datasets use none")
     run.add_argument("--deterministic", action="store_true",
                      help="deterministic kernels on CUDA (no cuDNN autotuning): bit-identical "
                           "reruns on the same GPU, slower; the CPU is deterministic anyway")
@@ -275,25 +283,27 @@ def grid_from_args(args: argparse.Namespace, creating: bool):
     checksum = None
     if args.teacher_checkpoint is not None:
         from kdbench.store import Store
-        from kdbench.teachers import register_checkpoint
+        from kdbench.teachers import register_checkpoint, resolve_checkpoint
 
         if len(chosen) != 1:
             raise UserError("--teacher-checkpoint needs exactly one --setting")
-        if args.teacher_checkpoint.is_dir():
-            raise UserError(f"teacher checkpoint {args.teacher_checkpoint} is a directory, not a "
+        checkpoint = resolve_checkpoint(args.teacher_checkpoint, chosen[0])
+        if checkpoint.is_dir():
+            raise UserError(f"teacher checkpoint {checkpoint} is a directory, not a "
                             "state_dict file")
-        if not args.teacher_checkpoint.is_file():
-            raise UserError(f"teacher checkpoint {args.teacher_checkpoint} does not exist")
+        if not checkpoint.is_file():
+            raise UserError(f"teacher checkpoint {checkpoint} does not exist")
         if creating:
             check_results_dir(args.results)
-            checksum = register_checkpoint(args.teacher_checkpoint, chosen[0], Store(args.results),
-                                           args.teacher_seed)
+            checksum = register_checkpoint(checkpoint, chosen[0], Store(args.results),
+                                           args.teacher_seed, getattr(args, "data_dir", None))
         else:
             from kdbench.store import sha256_file
 
-            checksum = sha256_file(args.teacher_checkpoint)
+            checksum = sha256_file(checkpoint)
     return Grid(tuple(s.name for s in chosen), tuple(methods), tuple(seeds), sweep,
-                args.teacher_seed, checksum, resolve_precision(args), held_out_of(args)), chosen
+                args.teacher_seed, checksum, resolve_precision(args), held_out_of(args),
+                {s.name: s.spec_fields() for s in chosen}), chosen
 
 
 def held_out_of(args: argparse.Namespace) -> float | None:
@@ -334,8 +344,17 @@ def command_run(args: argparse.Namespace) -> int:
     check_device(args)
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise UserError(f"--data-dir {args.data_dir} does not exist")
+    if args.loader_workers is not None and not 0 <= args.loader_workers <= MAX_LOADER_WORKERS:
+        raise UserError(f"--loader-workers: from 0 (load in the training process) to "
+                        f"{MAX_LOADER_WORKERS}, got {args.loader_workers}")
+    missing_data = []
     for setting in chosen:
-        data.require(setting.dataset, args.data_dir)
+        try:
+            data.require_data(setting.dataset, setting.dataset_options, args.data_dir)
+        except UserError as error:
+            if not args.dry_run:
+                raise
+            missing_data.append(str(error))  # a dry run plans the grid all the same
     if args.tensorboard:
         from kdbench.logs import require_tensorboard
 
@@ -379,6 +398,8 @@ def command_run(args: argparse.Namespace) -> int:
     elif args.dry_run:
         for spec in todo_teachers + todo_students:
             print(f"  would run {spec.label()} ({spec.id})")
+        for line in missing_data:
+            print(f"kdbench: note: a real run would stop here: {line}", file=sys.stderr)
         return 0
     else:
         results = launch_grid(args, todo_teachers, todo_students, chosen)
@@ -513,7 +534,7 @@ def launch_grid(args: argparse.Namespace, teachers, students, chosen) -> list:
     jobs = args.runs_per_gpu or args.jobs or (1 if on_gpu else min(2, cores))
     options = TrainOptions(device=args.device, compile=args.compile, data_dir=args.data_dir,
                            deterministic=args.deterministic, keep=args.keep,
-                           tensorboard=args.tensorboard)
+                           tensorboard=args.tensorboard, loader_workers=args.loader_workers)
     from kdbench.progress import start_estimate
     from kdbench.store import Store
 

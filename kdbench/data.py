@@ -1,4 +1,4 @@
-"""Datasets as in-memory tensors, with batch-level seeded augmentation.
+"""Datasets as in-memory tensors, with batch-level seeded augmentation; dataset plugins.
 
 Each split is one uint8 tensor on the training device; a batch is gathered, padded, cropped,
 flipped and normalised with tensor ops (airbench's design). There are no per-sample Python
@@ -6,6 +6,23 @@ transforms and no DataLoader workers: on a GPU the pipeline costs microseconds p
 all randomness of an epoch (order, crop offsets, flips) is drawn at the epoch's start from one
 seeded CPU generator, so the same seed gives the same batches on any device and a run resumed
 at an epoch boundary sees exactly the batches it would have seen.
+
+Every dataset a setting names comes through the ``kdbench.datasets`` entry-point group
+(kdbench/plugins.py), the built-ins as a third party's (pyproject.toml). An entry point names
+an object with (``DatasetPlugin``):
+- ``check_options(options)``: raise UserError for options it does not take (a setting's
+  ``[dataset_options]``), before anything is loaded;
+- ``shape(options, data_dir) -> DataShape``: input channels, classes and image size, known
+  without loading the data (checks, estimates, the contract);
+- ``require(options, data_dir)``: a one-line UserError naming what is missing or damaged;
+- ``open(name, options, data_dir, train_subset)``: the data, either a ``Dataset`` (in-memory
+  uint8 tensors, read by ``BatchStream``) or a source with a ``stream(device, batch_size,
+  augmentation, seed, workers)`` method (the ImageFolder datasets, kdbench/imagefolder.py);
+- optionally ``display_name`` and ``location_options`` (options that say where the files are,
+  not what they are, such as ``root``: they are no part of a run's identity).
+A stream (``open_stream``) is what train.py reads: ``epoch()``, ``steps_per_epoch``,
+``test_batches()``, ``normalise()``, ``state_dict()``/``load_state_dict()``, ``device``, and the
+data's ``num_classes``, ``in_channels``, ``num_train``, ``train_labels`` and ``sample(count)``.
 """
 
 from __future__ import annotations
@@ -17,13 +34,14 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from kdbench.errors import UserError
+from kdbench.plugins import PluginGroup
 from kdbench.settings import Augmentation
 
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "synthetic")
@@ -74,6 +92,8 @@ class Dataset:
     test_images: Tensor
     test_labels: Tensor
     num_classes: int
+    # Per-channel (mean, std) of the pixels in [0, 1]; None: NORMALISATION[name] (built-ins).
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     @property
     def in_channels(self) -> int:
@@ -89,7 +109,8 @@ class Dataset:
 
     def to(self, device: torch.device) -> "Dataset":
         return Dataset(self.name, self.train_images.to(device), self.train_labels.to(device),
-                       self.test_images.to(device), self.test_labels.to(device), self.num_classes)
+                       self.test_images.to(device), self.test_labels.to(device), self.num_classes,
+                       self.normalisation)
 
 
 def default_data_dir() -> Path:
@@ -294,11 +315,32 @@ class BatchStream:
         self.batch_size = batch_size
         self.augmentation = augmentation
         self.generator = torch.Generator().manual_seed(seed)
-        mean, std = NORMALISATION[dataset.name]
+        mean, std = dataset.normalisation or NORMALISATION[dataset.name]
         shape = (1, len(mean), 1, 1)
         # x/255 then (x - mean)/std folded into one multiply-add per pixel.
         self.scale = (1.0 / (255.0 * torch.tensor(std))).view(shape).to(device)
         self.shift = (-torch.tensor(mean) / torch.tensor(std)).view(shape).to(device)
+
+    # The data's facts, as train.py reads them from a stream.
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return self.data.in_channels
+
+    @property
+    def num_train(self) -> int:
+        return self.data.num_train
+
+    @property
+    def train_labels(self) -> Tensor:
+        return self.data.train_labels
+
+    def sample(self, count: int) -> Tensor:
+        """The first ``count`` test images, normalised (a dry forward pass)."""
+        return self.normalise(self.data.test_images[:count])
 
     @property
     def steps_per_epoch(self) -> int:
@@ -348,3 +390,118 @@ def random_crop(images: Tensor, offsets: Tensor, padding: int, mode: str) -> Ten
     flat = padded.flatten(2)  # (B, C, Hp*Wp)
     index = (rows * padded.shape[-1] + cols).view(batch, 1, height * width).expand(-1, channels, -1)
     return flat.gather(2, index).view(batch, channels, height, width)
+
+
+# --- dataset plugins -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataShape:
+    """What the networks see of a dataset, known without loading it."""
+
+    in_channels: int
+    num_classes: int
+    image_size: int  # the side of the (square) images the networks get at test time
+    num_train: int | None = None  # training images, where known without loading (estimates)
+
+
+class DatasetPlugin(Protocol):
+    def check_options(self, options: Mapping[str, Any]) -> None: ...
+    def shape(self, options: Mapping[str, Any], data_dir: Path) -> DataShape: ...
+    def require(self, options: Mapping[str, Any], data_dir: Path) -> None: ...
+    def open(self, name: str, options: Mapping[str, Any], data_dir: Path,
+             train_subset: int | None) -> Any: ...
+
+
+DATASET_PLUGINS = PluginGroup("kdbench.datasets", "dataset")
+
+
+class InMemoryDataset:
+    """The built-in datasets held as tensors (CIFAR-10/100, Fashion-MNIST, synthetic)."""
+
+    location_options: tuple[str, ...] = ()
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        if options:
+            raise UserError(f"dataset {self.name!r} takes no dataset options, got "
+                            f"{', '.join(sorted(options))}")
+
+    def shape(self, options: Mapping[str, Any], data_dir: Path) -> DataShape:
+        channels, classes = DATASET_SHAPES[self.name]
+        train, size = DATASET_SIZES[self.name]
+        return DataShape(channels, classes, size, train)
+
+    def require(self, options: Mapping[str, Any], data_dir: Path) -> None:
+        require(self.name, data_dir)
+
+    def open(self, name: str, options: Mapping[str, Any], data_dir: Path,
+             train_subset: int | None) -> Dataset:
+        return load_dataset(self.name, data_dir, train_subset)
+
+
+CIFAR10, CIFAR100 = InMemoryDataset("cifar10"), InMemoryDataset("cifar100")
+FASHION_MNIST, SYNTHETIC = InMemoryDataset("fashion_mnist"), InMemoryDataset("synthetic")
+
+
+def _not_a_dataset(loaded: object) -> str | None:
+    missing = [name for name in ("check_options", "shape", "require", "open")
+               if not callable(getattr(loaded, name, None))]
+    return f"is not a dataset plugin (it lacks {', '.join(missing)})" if missing else None
+
+
+def dataset_plugin(name: str) -> DatasetPlugin:
+    """The ``kdbench.datasets`` plugin registered as ``name`` (UserError if none or broken)."""
+    DATASET_PLUGINS.registration(name)
+    return DATASET_PLUGINS.load_checked(name, _not_a_dataset)
+
+
+def location_options(name: str) -> tuple[str, ...]:
+    return tuple(getattr(dataset_plugin(name), "location_options", ()))
+
+
+def _data_dir(data_dir: Path | None) -> Path:
+    return Path(data_dir) if data_dir is not None else default_data_dir()
+
+
+def shape_of(dataset: str, options: Mapping[str, Any] | None = None,
+             data_dir: Path | None = None) -> DataShape:
+    return dataset_plugin(dataset).shape(dict(options or {}), _data_dir(data_dir))
+
+
+def require_data(dataset: str, options: Mapping[str, Any] | None = None,
+                 data_dir: Path | None = None) -> None:
+    """Fail early, with one clear line, when a setting's data cannot be had."""
+    dataset_plugin(dataset).require(dict(options or {}), _data_dir(data_dir))
+
+
+def open_source(dataset: str, options: Mapping[str, Any] | None, train_subset: int | None,
+                data_dir: Path | None = None):
+    """A setting's data as its plugin opens it: a ``Dataset`` (in-memory tensors) or a source
+    with a ``stream(...)`` method (see the module docstring)."""
+    return dataset_plugin(dataset).open(dataset, dict(options or {}), _data_dir(data_dir), train_subset)
+
+
+def stream_of(source, device: torch.device, batch_size: int, augmentation: Augmentation, seed: int,
+              workers: int | None = None):
+    """The seeded batch stream of an opened source (``open_source``)."""
+    if isinstance(source, Dataset):
+        return BatchStream(source, device, batch_size, augmentation, seed)
+    if workers is None:
+        workers = default_workers()
+    return source.stream(device, batch_size, augmentation, seed, workers)
+
+
+def open_stream(dataset: str, options: Mapping[str, Any] | None, train_subset: int | None,
+                device: torch.device, batch_size: int, augmentation: Augmentation, seed: int,
+                data_dir: Path | None = None, workers: int | None = None):
+    """The seeded batch stream of a setting's data (see the module docstring)."""
+    return stream_of(open_source(dataset, options, train_subset, data_dir), device, batch_size,
+                     augmentation, seed, workers)
+
+
+def default_workers() -> int:
+    """DataLoader workers when a run names none: one per usable core, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores))

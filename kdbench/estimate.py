@@ -11,19 +11,19 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kdbench.data import DATASET_SHAPES, DATASET_SIZES
+from kdbench.data import shape_of
 from kdbench.models import build_model
 from kdbench.settings import QUICK_SETTING, Setting
 from kdbench.spec import BF16, FP32, RunSpec
 
 
 def seconds_per_step(arch: str, teacher_arch: str | None, setting: Setting, batch_size: int,
-                     precision: str = FP32) -> float:
+                     precision: str = FP32, data_dir=None) -> float:
     """One SGD step of ``arch`` (plus a forward of ``teacher_arch``), timed after a warm-up, with
     the networks under bf16 autocast for a bf16 run (on a CPU without bf16 instructions that is
     several times slower than fp32, which is what a user asking for it must be told)."""
-    channels, classes = DATASET_SHAPES[setting.dataset]
-    _, size = DATASET_SIZES[setting.dataset]
+    shape = shape_of(setting.dataset, setting.dataset_options, data_dir)
+    channels, classes, size = shape.in_channels, shape.num_classes, shape.image_size
     model = build_model(arch, classes, channels)
     teacher = build_model(teacher_arch, classes, channels).eval() if teacher_arch else None
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -56,19 +56,26 @@ def cpu_cost_warning(teachers: list[RunSpec], students: list[RunSpec], chosen: l
     try:
         total = 0.0
         for setting in chosen:
-            n_train = min(DATASET_SIZES[setting.dataset][0], setting.train_subset or math.inf)
+            known = shape_of(setting.dataset, setting.dataset_options, data_dir).num_train
+            if known is None:  # an ImageFolder: its size is known once it is listed
+                from kdbench.data import open_stream
+
+                known = open_stream(setting.dataset, setting.dataset_options, None, torch.device("cpu"),
+                                    1, setting.recipe.augmentation, 0, data_dir, 0).num_train
+            n_train = min(known, setting.train_subset or math.inf)
             mine = [spec for spec in students if spec.setting == setting.name]
             if any(spec.setting == setting.name for spec in teachers):
                 recipe = setting.teacher_recipe
                 steps = recipe.epochs * math.ceil(n_train / recipe.batch_size)
-                total += steps * seconds_per_step(setting.teacher, None, setting, recipe.batch_size)
+                total += steps * seconds_per_step(setting.teacher, None, setting, recipe.batch_size,
+                                                  data_dir=data_dir)
             if mine:
                 recipe = setting.recipe.with_overrides(mine[0].overrides)
                 steps = recipe.epochs * math.ceil(n_train / recipe.batch_size)
                 for precision in sorted({spec.precision for spec in mine}):
                     runs = sum(spec.precision == precision for spec in mine)
                     total += runs * steps * seconds_per_step(
-                        setting.student, setting.teacher, setting, recipe.batch_size, precision)
+                        setting.student, setting.teacher, setting, recipe.batch_size, precision, data_dir)
     finally:
         torch.set_num_threads(threads)
     hours = total / jobs / 3600

@@ -26,11 +26,15 @@ class Grid:
     teacher_checkpoint: str | None = None  # sha256 of a registered user checkpoint
     precision: str = FP32
     held_out: float | None = None  # the students' validation split (kdbench/validation.py)
+    # Per setting name, what its specs hold besides the name (kdbench.settings.Setting.spec_fields:
+    # its content hash, and a user's setting's content); none for an unchanged built-in.
+    setting_fields: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def students(self) -> list[RunSpec]:
         return [
             RunSpec(setting, method, seed, STUDENT, dict(variant.config), dict(variant.overrides),
-                    self.teacher_seed, self.teacher_checkpoint, self.precision, self.held_out)
+                    self.teacher_seed, self.teacher_checkpoint, self.precision, self.held_out,
+                    **self.setting_fields.get(setting, {}))
             for setting in self.settings for method in self.methods
             for variant in self.sweep.variants(method) for seed in self.seeds
         ]

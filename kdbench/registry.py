@@ -10,47 +10,46 @@ silent overwrite.
 from __future__ import annotations
 
 import inspect
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, version
 
 from kdbench import composition, sources
-from kdbench.errors import UserError, suggest
+from kdbench.errors import UserError
 from kdbench.method import Method
+from kdbench.plugins import BrokenPlugin, PluginGroup, Registration, UnknownPlugin
 
 GROUP = "kdbench.methods"
+METHODS = PluginGroup(GROUP, "method")
+
+__all__ = ["GROUP", "METHODS", "BrokenPlugin", "Registration", "UnknownMethod", "describe",
+           "distribution_of", "get", "names", "registrations", "source_sha256"]
 
 
-class UnknownMethod(UserError):
+class UnknownMethod(UnknownPlugin):
     pass
 
 
-class BrokenPlugin(UserError):
-    pass
-
-
-@dataclass(frozen=True)
-class Registration:
-    name: str
-    target: str  # "module:Class"
-    distribution: str  # the package that registered it
-
-
-@lru_cache(maxsize=1)
 def registrations() -> dict[str, list[Registration]]:
-    found: dict[str, list[Registration]] = {}
-    for entry in entry_points(group=GROUP):
-        distribution = entry.dist.name if entry.dist is not None else "?"
-        registration = Registration(entry.name, entry.value, distribution)
-        same = found.setdefault(entry.name, [])
-        if registration not in same:  # one distribution seen twice on sys.path is not a clash
-            same.append(registration)
-    return found
+    return METHODS.registrations()
+
+
+# Tests that install a plugin mid-process clear the scan (and what was imported) this way.
+registrations.cache_clear = METHODS.clear  # type: ignore[attr-defined]
 
 
 def names() -> list[str]:
-    return sorted(registrations())
+    return METHODS.names()
+
+
+def _not_a_method(name: str):
+    def check(loaded: object) -> str | None:
+        if not (inspect.isclass(loaded) and issubclass(loaded, Method)):
+            return "is not a kdbench Method"
+        if getattr(loaded, "name", None) != name:
+            return f"declares name {getattr(loaded, 'name', None)!r}"
+        return None
+
+    return check
 
 
 @lru_cache(maxsize=None)
@@ -60,45 +59,9 @@ def get(name: str) -> type[Method]:
     mistake."""
     if composition.is_composition(name):
         return composition.compose(name, [get(part) for part in composition.part_names(name)])
-    found = registrations().get(name)
-    if not found:
-        raise UnknownMethod(f"unknown method {name!r}; {suggest(name, names())}")
-    if len(found) > 1:
-        owners = ", ".join(f"{r.distribution} ({r.target})" for r in found)
-        raise BrokenPlugin(f"method {name!r} is registered twice: {owners}; uninstall one")
-    registration = found[0]
-    try:
-        loaded = EntryPoint(name, registration.target, GROUP).load()
-    # Any import-time error of a plugin is the plugin's, not ours; sys.exit() at import too (a
-    # SystemExit would end kdbench with the plugin's message and no word of which plugin).
-    except (Exception, SystemExit) as error:
-        imported = imported_module(registration.target) if isinstance(error, AttributeError) else ""
-        raise BrokenPlugin(
-            f"method {name!r} ({registration.target}, from {registration.distribution}) "
-            f"failed to import: {type(error).__name__}: {error}{imported}"
-        ) from error
-    if not (inspect.isclass(loaded) and issubclass(loaded, Method)):
-        raise BrokenPlugin(f"method {name!r} ({registration.target}) is not a kdbench Method")
-    if getattr(loaded, "name", None) != name:
-        raise BrokenPlugin(
-            f"method {name!r} ({registration.target}) declares name {getattr(loaded, 'name', None)!r}"
-        )
-    return loaded
+    METHODS.registration(name, unknown=UnknownMethod)
+    return METHODS.load_checked(name, _not_a_method(name))
 
-
-def imported_module(target: str) -> str:
-    """Which module an entry point ``module:Class`` imported, when the class was not in it: the
-    name may have found another module first on sys.path. A plugin's project folder of the
-    module's name, seen from its parent directory, imports as a namespace package (issue 19)."""
-    module = sys.modules.get(target.partition(":")[0].strip())
-    if module is None:
-        return ""
-    if getattr(module, "__file__", None):
-        return f"; the module imported as {module.__name__} is {module.__file__}"
-    folders = ", ".join(str(folder) for folder in getattr(module, "__path__", []))
-    return (f"; the module imported as {module.__name__} is a namespace package over {folders} "
-            f"(a folder without __init__.py found first on sys.path, e.g. the plugin's project "
-            f"folder from its parent directory): run kdbench from another directory")
 
 
 def source_sha256(method: type[Method]) -> str:
@@ -109,14 +72,7 @@ def source_sha256(method: type[Method]) -> str:
 def distribution_of(method: type[Method]) -> tuple[str | None, str | None]:
     """(name, version) of the installed distribution that registered ``method``, or
     (None, None) for a class that is not registered under its name."""
-    found = registrations().get(getattr(method, "name", ""), [])
-    if len(found) != 1:
-        return None, None
-    distribution = found[0].distribution
-    try:
-        return distribution, version(distribution)
-    except PackageNotFoundError:
-        return distribution, None
+    return METHODS.distribution(getattr(method, "name", ""))
 
 
 @dataclass(frozen=True)
@@ -134,8 +90,7 @@ class Description:
 
 def describe(name: str) -> Description:
     """``name`` as ``kdbench list`` shows it; never raises for a broken plugin."""
-    registration = registrations()[name][0]
-    origin = f"{registration.distribution}: {registration.target}"
+    origin = METHODS.origin(name)
     try:
         method = get(name)
     except UserError as error:

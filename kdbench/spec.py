@@ -40,6 +40,15 @@ class RunSpec:
     # run's identity, as it trains on other images; None (no split) is left out of the JSON,
     # so runs without one keep their ids.
     held_out: float | None = None
+    # The setting's content hash (kdbench.settings.Setting.sha256), part of the id: editing a
+    # setting's file never mixes results. None: a built-in setting with the content it had
+    # when settings became files (kdbench/settings/legacy-sha256.json), so runs made before
+    # keep their ids.
+    setting_sha256: str | None = None
+    # The setting itself (Setting.content()) for one read from a user's file, so that the run
+    # can happen where the file is not (a SLURM node, a spawned worker). Not part of the id:
+    # setting_sha256 is; kdbench.settings.for_spec checks the two agree.
+    setting_content: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -51,8 +60,9 @@ class RunSpec:
         data = asdict(self)
         if data["precision"] == FP32:
             del data["precision"]
-        if data["held_out"] is None:
-            del data["held_out"]
+        for key in ("held_out", "setting_sha256", "setting_content"):  # left out when None:
+            if data[key] is None:                                       # the ids made before stay
+                del data[key]
         return data
 
     @classmethod
@@ -61,7 +71,8 @@ class RunSpec:
 
     @property
     def id(self) -> str:
-        canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        identity = {key: value for key, value in self.to_json().items() if key != "setting_content"}
+        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def teacher_spec(self) -> "RunSpec":
@@ -69,7 +80,8 @@ class RunSpec:
         every precision: one teacher serves a bf16 and an fp32 grid, so the two differ only in
         the students' arithmetic."""
         return RunSpec(self.setting, TEACHER_METHOD, self.teacher_seed, role=TEACHER,
-                       teacher_checkpoint=self.teacher_checkpoint)
+                       teacher_checkpoint=self.teacher_checkpoint,
+                       setting_sha256=self.setting_sha256, setting_content=self.setting_content)
 
     def label(self) -> str:
         what = "teacher" if self.role == TEACHER else self.method

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdbench.data import Dataset
 from kdbench.errors import UserError
 from kdbench.models import build_model
 from kdbench.settings import Setting
@@ -45,8 +44,9 @@ def teacher_ready(spec: RunSpec, store: Store) -> bool:
             and teacher_weights_problem(record, store) is None)
 
 
-def load_state_dict_for(path: Path, arch: str, dataset: Dataset) -> dict[str, Any]:
-    """Load a teacher state_dict and check it fits ``arch`` on ``dataset``; UserError if not."""
+def load_state_dict_for(path: Path, arch: str, dataset) -> dict[str, Any]:
+    """Load a teacher state_dict and check it fits ``arch`` on ``dataset`` (anything that says
+    its ``num_classes`` and ``in_channels``: a Dataset, a stream, a DataShape); UserError if not."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -68,8 +68,9 @@ def load_state_dict_for(path: Path, arch: str, dataset: Dataset) -> dict[str, An
     return state
 
 
-def load_teacher(teacher_spec: RunSpec, setting: Setting, dataset: Dataset, store: Store) -> nn.Module:
-    """The trained teacher of ``teacher_spec`` (it must have been trained or registered)."""
+def load_teacher(teacher_spec: RunSpec, setting: Setting, dataset, store: Store) -> nn.Module:
+    """The trained teacher of ``teacher_spec`` (it must have been trained or registered);
+    ``dataset`` says the classes and input channels (a Dataset, a stream, a DataShape)."""
     if not teacher_ready(teacher_spec, store):
         raise RuntimeError(f"teacher {teacher_spec.label()} ({teacher_spec.id}) is not trained yet: "
                            "the launcher trains teachers before students")
@@ -80,10 +81,50 @@ def load_teacher(teacher_spec: RunSpec, setting: Setting, dataset: Dataset, stor
     return model
 
 
-def register_checkpoint(path: Path, setting: Setting, store: Store, teacher_seed: int = 0) -> str:
+TORCHVISION_WEIGHTS = "torchvision:"
+
+
+def resolve_checkpoint(given: str | Path, setting: Setting) -> Path:
+    """The file ``--teacher-checkpoint`` names: a path, or ``torchvision:<model>`` (also
+    ``torchvision:<model>.<WEIGHTS>``, e.g. ``torchvision:resnet50.IMAGENET1K_V2``) for
+    torchvision's pretrained weights of the setting's ``torchvision.<model>`` teacher, where
+    they are in the user's torch hub cache (``torch.hub.get_dir()``/checkpoints, where
+    torchvision's ``weights=`` downloads them). Nothing is downloaded: a missing file is one
+    line saying where it was looked for.
+
+    ``<model>`` alone means IMAGENET1K_V1, torchvision's original ImageNet weights: the
+    teachers of the KD papers' ImageNet tables (mdistiller's ``model_urls`` name those files),
+    not torchvision's later DEFAULT (V2 for resnet50, trained with another recipe)."""
+    text = str(given)
+    if not text.startswith(TORCHVISION_WEIGHTS):
+        return Path(given)
+    import torchvision
+
+    model, _, weights_name = text[len(TORCHVISION_WEIGHTS):].partition(".")
+    if setting.teacher != f"torchvision.{model}":
+        raise UserError(f"--teacher-checkpoint {text}: the teacher of {setting.name} is "
+                        f"{setting.teacher}, not torchvision.{model}")
+    try:
+        weights = torchvision.models.get_model_weights(model)[weights_name or "IMAGENET1K_V1"]
+    except (KeyError, ValueError):
+        known = ", ".join(torchvision.models.get_model_weights(model).__members__)
+        raise UserError(f"--teacher-checkpoint {text}: torchvision has no weights "
+                        f"{weights_name!r} for {model} (it has {known})") from None
+    import torch
+
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not path.is_file():
+        raise UserError(f"--teacher-checkpoint {text}: torchvision's {weights} weights are not in "
+                        f"the torch hub cache ({path}); kdbench does not download them: fetch "
+                        f"{weights.url} there (or load torchvision.models.{model}(weights=...) once)")
+    return path
+
+
+def register_checkpoint(path: Path, setting: Setting, store: Store, teacher_seed: int = 0,
+                        data_dir: Path | None = None) -> str:
     """Check a user's teacher state_dict against the setting and put it where students find
     it. Returns its sha256 (part of every dependent RunSpec, so results never mix teachers)."""
-    from kdbench.data import DATASET_SHAPES
+    from kdbench.data import shape_of
     from kdbench.spec import TEACHER, TEACHER_METHOD
 
     path = Path(path)
@@ -92,11 +133,10 @@ def register_checkpoint(path: Path, setting: Setting, store: Store, teacher_seed
     if not path.is_file():
         raise UserError(f"teacher checkpoint {path} does not exist")
     checksum = sha256_file(path)
-    in_channels, num_classes = DATASET_SHAPES[setting.dataset]
-    shape_only = Dataset(setting.dataset, torch.empty(0, in_channels, 1, 1), torch.empty(0),
-                         torch.empty(0), torch.empty(0), num_classes)
-    state = load_state_dict_for(path, setting.teacher, shape_only)
-    spec = RunSpec(setting.name, TEACHER_METHOD, teacher_seed, TEACHER, teacher_checkpoint=checksum)
+    shape = shape_of(setting.dataset, setting.dataset_options, data_dir)
+    state = load_state_dict_for(path, setting.teacher, shape)
+    spec = RunSpec(setting.name, TEACHER_METHOD, teacher_seed, TEACHER, teacher_checkpoint=checksum,
+                   **setting.spec_fields())
     target = store.teacher_path(spec.id)
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -113,14 +153,15 @@ def record_for_checkpoint(spec: RunSpec, store: Store, options: "TrainOptions") 
     import time
 
     from kdbench import registry, settings
-    from kdbench.data import Augmentation, BatchStream, load_dataset
+    from kdbench.data import Augmentation, open_stream
     from kdbench.train import evaluate, pick_device, provenance
 
     started = time.time()
-    setting = settings.get(spec.setting)
+    setting = settings.for_spec(spec)
     device = pick_device(options)
-    dataset = load_dataset(setting.dataset, options.data_dir, setting.train_subset)
-    stream = BatchStream(dataset, device, 256, Augmentation(), seed=0)
+    stream = open_stream(setting.dataset, setting.dataset_options, setting.train_subset, device,
+                         256, Augmentation(), 0, options.data_dir, options.loader_workers)
+    dataset = stream
     path = store.teacher_path(spec.id)
     model = build_model(setting.teacher, dataset.num_classes, dataset.in_channels)
     model.load_state_dict(load_state_dict_for(path, setting.teacher, dataset))
@@ -128,7 +169,7 @@ def record_for_checkpoint(spec: RunSpec, store: Store, options: "TrainOptions") 
     return {
         "id": spec.id, "status": "done", "spec": spec.to_json(),
         "setting": {**setting.to_json(), "recipe": setting.to_json()["teacher_recipe"],
-                    "num_classes": dataset.num_classes},
+                    "num_classes": dataset.num_classes, "in_channels": dataset.in_channels},
         "config": {}, "error": None, "history": [],
         "metrics": {"top1_last": top1, "top5_last": top5, "top1_best": top1, "top5_best": top5,
                     "best_epoch": None},

@@ -4,6 +4,7 @@ A plugin author checks a method with one command (it exits non-zero with the fir
 promise, named)::
 
     python -m kdbench.testing mykd          # or: pytest --pyargs kdbench.testing
+    python -m kdbench.testing --model mynet # an architecture (a kdbench.models plugin)
 
 ``check_method(name)`` raises ``AssertionError`` with a message that names the method, the
 teacher/student pair and the step when the method breaks a promise the engine relies on:
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdbench import registry, settings
-from kdbench.data import DATASET_SHAPES, DATASET_SIZES
+from kdbench.data import shape_of
 from kdbench.errors import UserError
 from kdbench.host_sync import HostSync, host_syncs, ops_of, reported_names
 from kdbench.method import (
@@ -498,8 +499,11 @@ def check_main_step(method: Method, student: nn.Module, student_taps: FeatureTap
 # --- step 3: every setting's pair, on feature shapes ---------------------------------------------
 
 @lru_cache(maxsize=None)
+@lru_cache(maxsize=None)
 def architecture_shapes(arch: str, num_classes: int, in_channels: int, size: int) -> FeatureShapes:
-    """Feature shapes of ``arch`` at the setting's real image size, from a dry forward pass."""
+    """Feature shapes of ``arch`` at the setting's real image size, from a dry forward pass.
+    Cached: shapes do not depend on the weights, and every method's contract asks for the same
+    pairs (the ImageNet settings' ResNet50 at 224 px once, not once per method)."""
     model = build_model(arch, num_classes, in_channels).eval()
     taps = FeatureTaps(model, ROLES)
     try:
@@ -524,8 +528,8 @@ def random_features(shapes: FeatureShapes, roles: frozenset[str], requires_grad:
 
 
 def check_setting_shapes(method_class: type[Method], setting: settings.Setting) -> None:
-    in_channels, num_classes = DATASET_SHAPES[setting.dataset]
-    size = DATASET_SIZES[setting.dataset][1]
+    shape = shape_of(setting.dataset, setting.dataset_options)
+    in_channels, num_classes, size = shape.in_channels, shape.num_classes, shape.image_size
     student_shapes = architecture_shapes(setting.student, num_classes, in_channels, size)
     teacher_shapes = (architecture_shapes(setting.teacher, num_classes, in_channels, size)
                       if method_class.uses_teacher else None)
@@ -549,6 +553,134 @@ def check_setting_shapes(method_class: type[Method], setting: settings.Setting) 
         torch.stack(list(terms.values())).sum().backward()
 
 
+# --- the model contract: `python -m kdbench.testing --model NAME` -------------------------------
+
+MODEL_BATCH = 2
+REQUIRED_ROLES = (STAGES, EMBEDDING)  # what every method family reads; the others are optional
+
+
+def check_model(name: str, image_size: int = 32) -> None:
+    """Check the architecture ``name`` (a ``kdbench.models`` plugin's, or a built-in) against
+    what the engine relies on; AssertionError (ContractError) naming the promise it breaks:
+
+    - it builds from (num_classes, in_channels) for 3 and 1 input channels, as an nn.Module
+      whose forward maps (B, C, H, W) images to (B, num_classes) logits, in train and eval mode;
+    - ``feature_points()`` maps ``stages`` and ``embedding`` (and, where it maps them,
+      ``preact_stages`` and ``postact_stages`` with one tensor per stage), every point names a
+      module (and a BatchNorm as its ``norm``), and each point fires once per forward pass;
+    - the stage tensors are (B, C, H, W) maps and the embedding a (B, C) vector;
+    - no tapped tensor is changed after it was tapped (an in-place op, ``out += x`` or
+      ``relu_(out)``, would hand a method other values than the role's);
+    - every tapped tensor and the logits carry gradients to the parameters, and the logits to
+      every parameter (an unused parameter is dead weight that DistributedDataParallel refuses);
+    - its state_dict loads into a fresh build (checkpoints, teachers)."""
+    from kdbench.models import build_model as build
+    from kdbench.roles import check_points, feature_points
+
+    def fail(message: str) -> ContractError:
+        return ContractError(f"model {name!r}: {message}")
+
+    for in_channels in (3, 1):
+        torch.manual_seed(0)
+        try:
+            model = build(name, NUM_CLASSES, in_channels)
+        except UserError:
+            raise
+        except Exception as error:
+            raise fail(f"building it with {NUM_CLASSES} classes and {in_channels} input channels "
+                       f"raised {type(error).__name__}: {error}") from error
+        declared = getattr(model, "feature_points", None)
+        if not callable(declared):
+            raise fail("declares no feature_points() (kdbench/roles.py)")
+        points = feature_points(model)
+        if not isinstance(points, dict):
+            raise fail(f"feature_points() must return a dict of role -> TapPoints, got {points!r}")
+        unknown = sorted(set(points) - ROLES)
+        if unknown:
+            raise fail(f"feature_points() maps unknown roles {unknown}; roles: {sorted(ROLES)}")
+        missing = [role for role in REQUIRED_ROLES if not points.get(role)]
+        if missing:
+            raise fail(f"feature_points() maps no {', '.join(missing)}: every method family reads them")
+        for role in (PREACT_STAGES, POSTACT_STAGES):
+            if role in points and len(points[role]) != len(points[STAGES]):
+                raise fail(f"feature_points() maps {len(points[role])} {role} for "
+                           f"{len(points[STAGES])} stages: one per stage")
+        if len(points[EMBEDDING]) != 1:
+            raise fail(f"feature_points() maps {len(points[EMBEDDING])} embeddings: one")
+        try:
+            check_points(model, points)
+        except ValueError as error:
+            raise fail(str(error)) from None
+        images = torch.randn(MODEL_BATCH, in_channels, image_size, image_size)
+        for mode in ("train", "eval"):
+            model.train(mode == "train")
+            check_model_forward(model, points, images, fail, mode)
+        twin = build(name, NUM_CLASSES, in_channels)
+        try:
+            twin.load_state_dict(model.state_dict())
+        except Exception as error:
+            raise fail(f"its state_dict does not load into a fresh build: {error}") from error
+
+
+def check_model_forward(model: nn.Module, points, images: Tensor, fail, mode: str) -> None:
+    modules = dict(model.named_modules())
+    taken: dict[tuple[str, int], list[tuple[Tensor, Tensor]]] = {}
+    handles = []
+
+    def keep(key, tensor):
+        if not isinstance(tensor, Tensor):
+            raise fail(f"{key[0]}[{key[1]}] ({mode} mode): the tap point gives a "
+                       f"{type(tensor).__name__}, not a tensor")
+        taken.setdefault(key, []).append((tensor, tensor.detach().clone()))
+
+    for role, role_points in points.items():
+        for index, point in enumerate(role_points):
+            key = (role, index)
+            module = modules[point.module]
+            if point.read == "output":
+                handles.append(module.register_forward_hook(
+                    lambda m, i, o, key=key: keep(key, o)))
+            else:
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, i, key=key: keep(key, i[0])))
+    try:
+        logits = model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    where = f"({mode} mode)"
+    if not isinstance(logits, Tensor) or tuple(logits.shape) != (len(images), NUM_CLASSES):
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise fail(f"forward must return ({len(images)}, {NUM_CLASSES}) logits only {where}, got {shape}")
+    for role, role_points in points.items():
+        for index, point in enumerate(role_points):
+            seen = taken.get((role, index), [])
+            label = f"{role}[{index}] ({point.read} of {point.module!r}) {where}"
+            if len(seen) != 1:
+                raise fail(f"{label} fired {len(seen)} times in one forward pass: once, please "
+                           "(a module called twice cannot be a tap point)")
+            tensor, at_hook = seen[0]
+            expected = 2 if role == EMBEDDING else 4
+            if tensor.dim() != expected or tensor.shape[0] != len(images):
+                raise fail(f"{label} has shape {tuple(tensor.shape)}: expected a "
+                           f"({'B, C' if expected == 2 else 'B, C, H, W'}) tensor")
+            if not torch.equal(tensor.detach(), at_hook):
+                raise fail(f"{label} was changed in place after it was tapped: the methods would "
+                           "read other values than the role's")
+    if mode != "train":
+        return
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    for (role, index), [(tensor, _)] in taken.items():
+        if not tensor.requires_grad:
+            raise fail(f"{role}[{index}] carries no gradient to the parameters")
+    grads = torch.autograd.grad(logits.float().square().mean(), parameters, allow_unused=True)
+    named = {id(p): key for key, p in model.named_parameters()}
+    unused = [named[id(p)] for p, g in zip(parameters, grads) if g is None]
+    if unused:
+        raise fail(f"parameters the logits do not depend on: {', '.join(unused[:4])}"
+                   f"{' …' if len(unused) > 4 else ''}")
+
+
 # --- `pytest --pyargs kdbench.testing` and `python -m kdbench.testing NAME ...` -----------------
 
 def pytest_generate_tests(metafunc) -> None:  # a pytest hook: one test per registered method
@@ -561,12 +693,29 @@ def test_method_contract(method_name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    names = (argv if argv is not None else sys.argv[1:]) or registry.names()
+    """``python -m kdbench.testing [METHOD ...]`` checks methods (all registered ones without
+    names); ``--model NAME`` (repeatable; ``--image-size N``, default 32) checks architectures."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m kdbench.testing",
+                                     description="Check methods, or architectures with --model, "
+                                                 "against kdbench's plugin contract.")
+    parser.add_argument("methods", nargs="*", help="method names (default: every registered one)")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME",
+                        help="check an architecture (a kdbench.models name) instead")
+    parser.add_argument("--image-size", type=int, default=32, help="input side for --model (default 32)")
+    args = parser.parse_args(argv if argv is not None else sys.argv[1:])
+    if args.model:
+        checks = [(name, lambda name=name: check_model(name, args.image_size)) for name in args.model]
+    else:
+        checks = [(name, lambda name=name: check_method(name)) for name in args.methods or registry.names()]
+    if args.model and args.methods:
+        parser.error("give methods or --model, not both")
     failed = 0
-    for name in names:
+    for name, check in checks:
         try:
-            check_method(name)
-        except AssertionError as error:
+            check()
+        except (AssertionError, UserError) as error:
             failed += 1
             print(f"FAIL {name}: {error}", flush=True)
         else:

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 import kdbench
 from kdbench import registry, settings, sources
-from kdbench.data import BatchStream, load_dataset
+from kdbench.data import BatchStream, Dataset, open_source, stream_of
+from kdbench.errors import UserError
 from kdbench.logs import EpochLog
 from kdbench.method import (
     PREACT_STAGES,
@@ -79,6 +80,9 @@ class TrainOptions:
     deterministic: bool = False
     data_dir: Path | None = None
     threads: int | None = None  # CPU threads for this run (several runs share a machine)
+    # DataLoader worker processes of an ImageFolder dataset (kdbench/imagefolder.py); None: one
+    # per core, at most 8. Its batches do not depend on it. In-memory datasets use none.
+    loader_workers: int | None = None
     # What the run keeps besides its record (kdbench.students, kdbench.logs): options of the
     # command, not of the run, since they change what is stored, never what is computed.
     keep: str = KEEP_LAST  # "last": the final student; "best": also the best epoch's
@@ -264,7 +268,7 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
     report = on_progress or (lambda event: None)
     started = time.time()
     # ---- setup -----------------------------------------------------------------------------
-    setting = settings.get(spec.setting)
+    setting = settings.for_spec(spec)
     is_teacher = spec.role == TEACHER
     base_recipe = setting.teacher_recipe if is_teacher else setting.recipe
     recipe = base_recipe.with_overrides(spec.overrides)
@@ -279,26 +283,33 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     seed_everything(spec.seed)
-    dataset = load_dataset(setting.dataset, options.data_dir, setting.train_subset)
+    # The seeded batches (kdbench/data.py); the stream also says the data's classes, channels
+    # and training-set size and labels.
+    source = open_source(setting.dataset, setting.dataset_options, setting.train_subset,
+                         options.data_dir)
     held_out = None  # the validation split (kdbench/validation.py), when the run holds one out
     if spec.held_out is not None:
         from kdbench import validation
 
-        dataset, held_out_set, held_out = validation.split(dataset, spec.held_out)
-        # Evaluated as the test split is: its own stream, whose test batches are the split.
+        if not isinstance(source, Dataset):
+            raise UserError(f"a validation split (--select-on val) is taken from in-memory data; "
+                            f"{setting.dataset} is read from files (an ImageFolder)")
+        source, held_out_set, held_out = validation.split(source, spec.held_out)
+        # Evaluated as the test split is: its own stream, nothing trains on it.
         val_stream = BatchStream(held_out_set, device, recipe.batch_size, recipe.augmentation, spec.seed)
-    stream = BatchStream(dataset, device, recipe.batch_size, recipe.augmentation, spec.seed)
+    stream = stream_of(source, device, recipe.batch_size, recipe.augmentation, spec.seed,
+                       options.loader_workers)
 
     # ---- build -----------------------------------------------------------------------------
     method_class = registry.get(spec.method)
     method: Method = method_class(method_class.Config.from_json(spec.config))
     arch = setting.teacher if is_teacher else setting.student
-    student = build_model(arch, dataset.num_classes, dataset.in_channels).to(device)
+    student = build_model(arch, stream.num_classes, stream.in_channels).to(device)
     teacher: nn.Module | None = None
     if method.uses_teacher and not is_teacher:
         from kdbench.teachers import load_teacher  # teachers.py imports train.py
 
-        teacher = load_teacher(spec.teacher_spec(), setting, dataset, store).to(device)
+        teacher = load_teacher(spec.teacher_spec(), setting, stream, store).to(device)
         teacher.eval().requires_grad_(False)
     if on_cuda:
         student = student.to(memory_format=torch.channels_last)
@@ -306,14 +317,14 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
             teacher = teacher.to(memory_format=torch.channels_last)
     student_taps = FeatureTaps(student, method.student_taps)
     teacher_taps = FeatureTaps(teacher, method.teacher_taps) if teacher is not None else None
-    sample = stream.normalise(dataset.test_images[:2].to(device))
+    sample = stream.sample(2)
     with torch.no_grad():
         student.eval()
         student_shapes = shapes_of(student_taps.pop(student(sample)), student)
         teacher_shapes = shapes_of(teacher_taps.pop(teacher(sample)), teacher) if teacher is not None else None
-    method.build(student_shapes, teacher_shapes, dataset.num_train)
+    method.build(student_shapes, teacher_shapes, stream.num_train)
     method.to(device)
-    method.observe_training_set(dataset.train_labels.to(device))
+    method.observe_training_set(stream.train_labels.to(device))
     student_forward = torch.compile(student) if options.compile else student
     teacher_forward = torch.compile(teacher) if options.compile and teacher is not None else teacher
 
@@ -496,7 +507,8 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
         "status": "done",
         "spec": spec.to_json(),
         "setting": {**setting.to_json(), "recipe": {**setting.to_json()["teacher_recipe" if is_teacher else "recipe"], **spec.overrides},
-                    "num_classes": dataset.num_classes, "pretrain_epochs": stage_epochs},
+                    "num_classes": stream.num_classes, "in_channels": stream.in_channels,
+                    "pretrain_epochs": stage_epochs},
         "config": method.config.to_json(),
         "metrics": {"top1_last": main[-1]["top1"], "top5_last": main[-1]["top5"],
                     "top1_best": best["top1"], "top5_best": best["top5"], "best_epoch": best["epoch"],

@@ -94,9 +94,10 @@ def split(dataset: Dataset, fraction: float = VALIDATION_FRACTION) -> tuple[Data
     kept = torch.nonzero(keep).flatten()  # CPU, once per run: not the training loop
     training = Dataset(dataset.name, dataset.train_images[kept].contiguous(),
                        dataset.train_labels[kept].contiguous(), dataset.test_images,
-                       dataset.test_labels, dataset.num_classes)
+                       dataset.test_labels, dataset.num_classes, dataset.normalisation)
     images = dataset.train_images[held].contiguous()
     held_out = Dataset(dataset.name, images[:0], dataset.train_labels[:0], images,
-                       dataset.train_labels[held].contiguous(), dataset.num_classes)
+                       dataset.train_labels[held].contiguous(), dataset.num_classes,
+                       dataset.normalisation)  # a dataset plugin's own statistics, if any
     facts = HeldOut(dataset.name, fraction, seed, len(held), len(kept))
     return training, held_out, facts

@@ -39,6 +39,8 @@ from kdbench.store import Store
 from kdbench.taps import FeatureTaps, as_float32
 from kdbench.train import TrainOptions, shapes_of, train
 
+from conftest import subset_of_tiny
+
 CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the fast path's GPU promises)")
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda_only)]
@@ -85,10 +87,10 @@ def copy_results(source: Path, target: Path) -> Path:
 
 
 @pytest.fixture
-def small_tiny(monkeypatch):
-    """synthetic/tiny with a 128-image training subset (its teacher unchanged)."""
-    monkeypatch.setitem(settings.SETTINGS, SETTING,
-                        dataclasses.replace(settings.get(SETTING), train_subset=SUBSET))
+def small_tiny(monkeypatch, results_with_teacher):
+    """synthetic/tiny with a 128-image training subset (the session's teacher serving it, a
+    test shortcut: conftest.subset_of_tiny); the subset setting's spec fields."""
+    return subset_of_tiny(monkeypatch, results_with_teacher, SUBSET)
 
 
 def finite_history(record: dict[str, Any]) -> bool:
@@ -103,7 +105,12 @@ def kd_fp32_and_bf16(trained_tiny_teacher, tmp_path_factory):
     """The same KD spec trained in fp32 and in bf16 (on the small synthetic/tiny), the bf16 run
     with spies on as_float32, KD.loss and KD.backward as train() calls them. Precision is part
     of the spec (two runs, two ids), and both distil from the same fp32 teacher."""
-    spec = RunSpec(SETTING, "kd", 0, overrides=SHORT)
+    root = tmp_path_factory.mktemp("fast-path")
+    teacher = copy_results(trained_tiny_teacher, root / "teacher")
+    mp = pytest.MonkeyPatch()
+    fields = subset_of_tiny(mp, teacher, SUBSET)
+    mp.undo()
+    spec = RunSpec(SETTING, "kd", 0, overrides=SHORT, **fields)
     bf16_spec = dataclasses.replace(spec, precision="bf16")
     assert bf16_spec.id != spec.id and bf16_spec.teacher_spec() == spec.teacher_spec()
     kd = registry.get("kd")
@@ -126,15 +133,14 @@ def kd_fp32_and_bf16(trained_tiny_teacher, tmp_path_factory):
         seen["backward"].append({k: v.dtype for k, v in terms.items()})
         return original_backward(self, terms, student_parameters, progress)
 
-    root = tmp_path_factory.mktemp("fast-path")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(settings.SETTINGS, SETTING, dataclasses.replace(settings.get(SETTING), train_subset=SUBSET))
-        fp32 = train(spec, Store(copy_results(trained_tiny_teacher, root / "fp32")),
+        subset_of_tiny(mp, None, SUBSET)
+        fp32 = train(spec, Store(copy_results(teacher, root / "fp32")),
                      TrainOptions(device="cpu"))
         mp.setattr(kdbench.train, "as_float32", spy_as_float32)
         mp.setattr(kd, "loss", spy_loss)
         mp.setattr(kd, "backward", spy_backward)
-        bf16 = train(bf16_spec, Store(copy_results(trained_tiny_teacher, root / "bf16")),
+        bf16 = train(bf16_spec, Store(copy_results(teacher, root / "bf16")),
                      TrainOptions(device="cpu"))
     return fp32, bf16, seen
 
@@ -317,7 +323,7 @@ def test_channels_last_gives_the_same_logits_features_and_gradients(family, arch
 def test_compile_gives_the_eager_history_on_the_cpu(small_tiny, results_with_teacher, tmp_path):
     """AT: the teacher in eval mode and the student in train and eval mode are compiled, with
     forward hooks on stage modules (the taps) inside the compiled graphs."""
-    spec = RunSpec(SETTING, "at", 0, overrides={"epochs": 1})
+    spec = RunSpec(SETTING, "at", 0, overrides={"epochs": 1}, **small_tiny)
     eager = train(spec, Store(copy_results(results_with_teacher, tmp_path / "eager")),
                   TrainOptions(device="cpu"))
     compiled = train(spec, Store(results_with_teacher), TrainOptions(device="cpu", compile=True))
@@ -439,13 +445,13 @@ class SyncWatchedStream(BatchStream):
 def test_the_hot_loop_does_not_synchronise_on_cuda(name, results_with_teacher, cuda_flags, monkeypatch):
     # 256 training images: 4 equal batches of 64 per epoch, so cudnn.benchmark meets every
     # shape in the unwatched first step (a last, smaller batch would autotune inside the window).
-    monkeypatch.setitem(settings.SETTINGS, SETTING,
-                        dataclasses.replace(settings.get(SETTING), train_subset=256))
-    monkeypatch.setattr(kdbench.train, "BatchStream", SyncWatchedStream)
+    fields = subset_of_tiny(monkeypatch, results_with_teacher, 256)
+    monkeypatch.setattr(kdbench.data, "BatchStream", SyncWatchedStream)  # what open_stream builds
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            record = train(RunSpec(SETTING, name, 0, overrides={"epochs": 1}, precision="bf16"),
+            record = train(RunSpec(SETTING, name, 0, overrides={"epochs": 1}, precision="bf16",
+                                   **fields),
                            Store(results_with_teacher),
                            TrainOptions(device="cuda"))
         finally:
@@ -478,7 +484,7 @@ def test_deterministic_mode_is_recorded_and_changes_nothing_on_the_cpu(
         small_tiny, results_with_teacher, tmp_path, restore_determinism):
     """On the CPU the loop is deterministic already: --deterministic gives the same history
     bit for bit, turns PyTorch's deterministic algorithms on and says so in the record."""
-    spec = RunSpec(SETTING, "kd", 0, overrides={"epochs": 1})
+    spec = RunSpec(SETTING, "kd", 0, overrides={"epochs": 1}, **small_tiny)
     default = train(spec, Store(copy_results(results_with_teacher, tmp_path / "default")),
                     TrainOptions(device="cpu"))
     assert default["provenance"]["deterministic"] is False

@@ -4,24 +4,23 @@ set (the teacher unchanged) so that CRG's per-sample eigendecompositions stay wi
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 
-from kdbench import settings
 from kdbench.spec import RunSpec
 from kdbench.store import Store
 from kdbench.train import train
+
+from conftest import subset_of_tiny
 
 SETTING = "synthetic/tiny"
 SUBSET = 256
 
 
 @pytest.fixture
-def small_tiny(monkeypatch):
-    monkeypatch.setitem(settings.SETTINGS, SETTING,
-                        dataclasses.replace(settings.get(SETTING), train_subset=SUBSET))
+def small_tiny(monkeypatch, results_with_teacher):
+    return subset_of_tiny(monkeypatch, results_with_teacher, SUBSET)
 
 
 @pytest.mark.parametrize("method, terms", [
@@ -30,7 +29,7 @@ def small_tiny(monkeypatch):
     ("crg", {"ce", "vertex", "edge", "spectral"}),
 ])
 def test_two_epochs_after_the_teacher(small_tiny, results_with_teacher, method: str, terms: set[str]) -> None:
-    record = train(RunSpec(SETTING, method, 0), Store(results_with_teacher))
+    record = train(RunSpec(SETTING, method, 0, **small_tiny), Store(results_with_teacher))
     assert record["status"] == "done", record.get("error")
     main = [entry for entry in record["history"] if entry["stage"] == "main"]
     assert [entry["epoch"] for entry in main] == [1, 2]

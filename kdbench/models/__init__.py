@@ -10,6 +10,16 @@ RepDistiller's four fixed networks of its cross-family table are, in lower case:
 CIFAR stem). Each is a family of one; `resnet50` names that network, not the 50-layer member
 of the basic-block CIFAR family (6·8 + 2), which RepDistiller does not have either.
 
+The ImageNet networks of the KD papers' ImageNet tables are `torchvision.resnet18`, `.resnet34`,
+`.resnet50`, `.mobilenet_v2` (torchvision's own, kdbench/models/torchvision_models.py) and
+`mobilenet_v1` (mdistiller's); with the `timm` extra, `timm.<model>` names any timm network.
+
+Every architecture comes through the `kdbench.models` entry-point group (kdbench/plugins.py),
+the built-ins exactly as a third party's (pyproject.toml): an entry point is a factory
+(num_classes, in_channels) -> nn.Module for its own name, or a `ModelFamily` for the names it
+is a prefix of (`wrn` for `wrn_40_2`, `torchvision` for `torchvision.resnet18`;
+kdbench/models/family.py). Nothing is imported before a name is asked for.
+
 Every model returns logits only and declares, in `feature_points()`, where each feature role
 (kdbench/method.py: stages, pre- and post-activation stages, embedding) lives: per role, the
 modules (dotted paths in `named_modules()`) whose output or input is each of its tensors
@@ -22,30 +32,37 @@ for compatibility.
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass
-from typing import Callable
+from functools import lru_cache
 
+import torch
 from torch import nn
 
 from kdbench.errors import UserError
-from kdbench.models.mobilenetv2 import MobileNetV2, mobilenetv2
-from kdbench.models.resnet_bottleneck import BottleneckResNet, resnet50
-from kdbench.models.resnet_cifar import CifarResNet, cifar_resnet
-from kdbench.models.shufflenet_v1 import ShuffleNetV1, shufflenet_v1
-from kdbench.models.shufflenet_v2 import ShuffleNetV2, shufflenet_v2
-from kdbench.models.vgg import CONFIGS as VGG_CONFIGS
-from kdbench.models.vgg import VGG, vgg
-from kdbench.models.wrn import WideResNet, wide_resnet
+from kdbench.models.family import ModelFactory, ModelFamily, Parsed
+from kdbench.models.mobilenetv2 import MobileNetV2
+from kdbench.models.resnet_bottleneck import BottleneckResNet
+from kdbench.models.resnet_cifar import CifarResNet
+from kdbench.models.shufflenet_v1 import ShuffleNetV1
+from kdbench.models.shufflenet_v2 import ShuffleNetV2
+from kdbench.models.vgg import VGG
+from kdbench.models.wrn import WideResNet
+from kdbench.plugins import BrokenPlugin, PluginGroup
 
 __all__ = [
     "FAMILY_EXAMPLES",
     "FAMILY_EXAMPLES_EXCLUDED",
     "FIXED_ARCHITECTURES",
+    "IMAGENET_ARCHITECTURES",
     "KNOWN_ARCHITECTURES",
+    "MODELS",
+    "Architecture",
     "BottleneckResNet",
     "CifarResNet",
     "MobileNetV2",
+    "ModelFactory",
+    "ModelFamily",
+    "Parsed",
     "ShuffleNetV1",
     "ShuffleNetV2",
     "UnknownArchitecture",
@@ -54,21 +71,20 @@ __all__ = [
     "architecture_family",
     "build_model",
     "is_architecture",
+    "resolve",
 ]
+
+GROUP = "kdbench.models"
+MODELS = PluginGroup(GROUP, "model")
 
 
 class UnknownArchitecture(UserError):
     """An architecture name that is not in the zoo (the message suggests the nearest ones)."""
 
 
-# RepDistiller's fixed networks (model_dict's ResNet50, MobileNetV2, ShuffleV1, ShuffleV2):
-# name -> builder(num_classes, in_channels). The name is also the family.
-FIXED_ARCHITECTURES: dict[str, Callable[[int, int], nn.Module]] = {
-    "resnet50": resnet50,
-    "mobilenetv2": mobilenetv2,
-    "shufflenet_v1": shufflenet_v1,
-    "shufflenet_v2": shufflenet_v2,
-}
+# RepDistiller's fixed networks (model_dict's ResNet50, MobileNetV2, ShuffleV1, ShuffleV2),
+# registered by name (pyproject.toml). The name is also the family.
+FIXED_ARCHITECTURES: tuple[str, ...] = ("resnet50", "mobilenetv2", "shufflenet_v1", "shufflenet_v2")
 
 # The architectures of RepDistiller's CIFAR-100 tables and model_dict; build_model also accepts
 # any other valid depth/width of the wrn, resnet and vgg families.
@@ -79,6 +95,13 @@ KNOWN_ARCHITECTURES: tuple[str, ...] = (
     "vgg8", "vgg11", "vgg13", "vgg16", "vgg19",
     *FIXED_ARCHITECTURES,
 )  # fmt: skip
+
+# The ImageNet networks of the KD papers' ImageNet tables (kdbench/models/torchvision_models.py,
+# mobilenet_v1.py); timm's (``timm.<model>``) come with the optional extra.
+IMAGENET_ARCHITECTURES: tuple[str, ...] = (
+    "torchvision.resnet18", "torchvision.resnet34", "torchvision.resnet50",
+    "torchvision.mobilenet_v2", "mobilenet_v1",
+)
 
 # The smallest architecture of each family in KNOWN_ARCHITECTURES: what one-step tests run
 # (the method contract, kdbench/testing.py, runs every method on each, as student and teacher).
@@ -102,53 +125,6 @@ FAMILY_EXAMPLES_EXCLUDED: tuple[str, ...] = (
     "resnet50", "mobilenetv2", "shufflenet_v1", "shufflenet_v2",
 )
 
-_WRN = re.compile(r"wrn_([0-9]+)_([0-9]+)")
-_RESNET = re.compile(r"resnet([0-9]+)(x4)?")
-_VGG = re.compile(r"vgg([0-9]+)")
-
-
-@dataclass(frozen=True)
-class _Parsed:
-    family: str
-    depth: int
-    width: int = 1  # WRN widen factor; unused elsewhere
-
-
-def _canonical_int(text: str) -> int | None:
-    """The integer `text` spells, or None if it has leading zeros (a non-canonical name)."""
-    value = int(text)
-    return value if str(value) == text else None
-
-
-def _parse(name: str) -> _Parsed | str:
-    """The parsed name, or a one-phrase reason why it is not an architecture."""
-    if name in FIXED_ARCHITECTURES:  # before the patterns: resnet50 would match resnet<N>
-        return _Parsed(name, 0)
-    if match := _WRN.fullmatch(name):
-        depth, width = _canonical_int(match[1]), _canonical_int(match[2])
-        if depth is None or width is None:
-            return "numbers must not have leading zeros"
-        if (depth - 4) % 6 != 0 or depth < 10:
-            return "a WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, 40, ...)"
-        if width < 1:
-            return "a WRN widen factor must be >= 1"
-        return _Parsed("wrn", depth, width)
-    if match := _RESNET.fullmatch(name):
-        depth = _canonical_int(match[1])
-        if depth is None:
-            return "numbers must not have leading zeros"
-        if (depth - 2) % 6 != 0 or depth < 8:
-            return "a CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...)"
-        return _Parsed("resnet_x4" if match[2] else "resnet", depth)
-    if match := _VGG.fullmatch(name):
-        depth = _canonical_int(match[1])
-        if depth is None or depth not in VGG_CONFIGS:
-            return f"a VGG depth must be one of {', '.join(map(str, sorted(VGG_CONFIGS)))}"
-        return _Parsed("vgg", depth)
-    return (f"not a wrn_<depth>_<k>, resnet<N>, resnet<N>x4 or vgg<N> name, nor one of "
-            f"{', '.join(FIXED_ARCHITECTURES)}")
-
-
 # RepDistiller's model_dict spellings of the fixed networks, for the error's hint.
 REPDISTILLER_SPELLINGS: dict[str, str] = {
     "ResNet50": "resnet50",
@@ -158,45 +134,104 @@ REPDISTILLER_SPELLINGS: dict[str, str] = {
 }
 
 
-def _resolve(name: str) -> _Parsed:
-    parsed = _parse(name)
-    if isinstance(parsed, _Parsed):
-        return parsed
+@dataclass(frozen=True)
+class Architecture:
+    """A resolved architecture name: its family, its factory and the entry point behind it."""
+
+    name: str
+    family: str
+    build: ModelFactory
+    entry: str  # the kdbench.models entry point (the name itself, or its family's prefix)
+
+
+def _is_model_entry(loaded: object) -> str | None:
+    if isinstance(loaded, ModelFamily) or callable(loaded):
+        return None
+    return "is neither a model factory (num_classes, in_channels) -> nn.Module nor a ModelFamily"
+
+
+def _family_entries(name: str) -> list[str]:
+    """The entry points whose names are proper prefixes of ``name``, longest first."""
+    return sorted((entry for entry in MODELS.names() if name.startswith(entry) and name != entry),
+                  key=len, reverse=True)
+
+
+@lru_cache(maxsize=None)
+def resolve(name: str) -> Architecture:
+    """``name`` as the ``kdbench.models`` group knows it: an entry point of that exact name (a
+    factory), else the family whose entry-point name is the longest prefix of ``name`` (only
+    that family's module is imported). Raises UnknownArchitecture or BrokenPlugin (UserErrors)."""
+    reason = None
+    if name in MODELS:
+        loaded = MODELS.load_checked(name, _is_model_entry)
+        if not isinstance(loaded, ModelFamily):
+            return Architecture(name, name, loaded, name)
+        reason = f"{name!r} names a family ({loaded.pattern}), not one network"
+    else:
+        for entry in _family_entries(name):
+            loaded = MODELS.load_checked(entry, _is_model_entry)
+            if not isinstance(loaded, ModelFamily):
+                continue
+            parsed = loaded.parse(name)
+            if isinstance(parsed, Parsed):
+                return Architecture(name, parsed.family, parsed.build, entry)
+            reason = parsed
+            break
+    raise UnknownArchitecture(_unknown_message(name, reason))
+
+
+def _unknown_message(name: str, reason: str | None) -> str:
     if name in REPDISTILLER_SPELLINGS:
-        raise UnknownArchitecture(f"unknown architecture {name!r} (RepDistiller's spelling); "
-                                  f"did you mean {REPDISTILLER_SPELLINGS[name]}?")
-    nearest = difflib.get_close_matches(name.strip().lower(), KNOWN_ARCHITECTURES, n=3, cutoff=0.5)
+        return (f"unknown architecture {name!r} (RepDistiller's spelling); "
+                f"did you mean {REPDISTILLER_SPELLINGS[name]}?")
+    reason = reason or ("no kdbench.models entry point names it or a prefix of it: "
+                        f"{', '.join(MODELS.names())}")
+    known = [*KNOWN_ARCHITECTURES, *IMAGENET_ARCHITECTURES,
+             *(entry for entry in MODELS.names() if entry not in KNOWN_ARCHITECTURES)]
+    nearest = difflib.get_close_matches(name.strip().lower(), known, n=3, cutoff=0.5)
     hint = f"did you mean {' or '.join(nearest)}?" if nearest else (
-        f"known: {', '.join(KNOWN_ARCHITECTURES)}"
+        f"known: {', '.join(KNOWN_ARCHITECTURES + IMAGENET_ARCHITECTURES)}"
     )
-    raise UnknownArchitecture(f"unknown architecture {name!r} ({parsed}); {hint}")
+    return f"unknown architecture {name!r} ({reason}); {hint}"
 
 
 def is_architecture(name: str) -> bool:
     """Whether `name` is a valid architecture name."""
-    return isinstance(_parse(name), _Parsed)
+    try:
+        resolve(name)
+    except UserError:
+        return False
+    return True
 
 
 def architecture_family(name: str) -> str:
-    """"wrn", "resnet", "resnet_x4", "vgg", or the name of a fixed network ("resnet50",
-    "mobilenetv2", …); raises UnknownArchitecture for other names."""
-    return _resolve(name).family
+    """"wrn", "resnet", "resnet_x4", "vgg", the name of a fixed network ("resnet50",
+    "mobilenetv2", …) or a plugin family's own ("torchvision.resnet"); raises
+    UnknownArchitecture for other names."""
+    return resolve(name).family
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     """A freshly initialised `name` with `num_classes` outputs for `in_channels`-channel input.
 
-    Raises UnknownArchitecture (a UserError) for a name that is not in the zoo.
+    Raises UnknownArchitecture (a UserError) for a name that is not in the zoo, BrokenPlugin for
+    a model plugin that does not import or does not build an nn.Module.
     """
     if num_classes < 1 or in_channels < 1:
         raise ValueError(
             f"need num_classes >= 1 and in_channels >= 1, got {num_classes}, {in_channels}"
         )
-    parsed = _resolve(name)
-    if parsed.family in FIXED_ARCHITECTURES:
-        return FIXED_ARCHITECTURES[parsed.family](num_classes, in_channels)
-    if parsed.family == "wrn":
-        return wide_resnet(parsed.depth, parsed.width, num_classes, in_channels)
-    if parsed.family in ("resnet", "resnet_x4"):
-        return cifar_resnet(parsed.depth, num_classes, in_channels, x4=parsed.family == "resnet_x4")
-    return vgg(parsed.depth, num_classes, in_channels)
+    architecture = resolve(name)
+    model = architecture.build(num_classes, in_channels)
+    if not isinstance(model, nn.Module):
+        raise BrokenPlugin(f"model {name!r} (entry point {architecture.entry!r}, "
+                           f"{MODELS.origin(architecture.entry)}) built a "
+                           f"{type(model).__name__}, not an nn.Module")
+    return model
+
+
+def build_shapeless(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """``name`` built on the meta device: its modules and role map, no memory and no
+    initialisation (for checks made before training, e.g. that it maps a method's roles)."""
+    with torch.device("meta"):
+        return build_model(name, num_classes, in_channels)
