@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import platform
 import random
@@ -32,10 +33,11 @@ from torch import Tensor, nn
 
 import kdbench
 from kdbench import registry, settings, sources
-from kdbench.data import BatchStream, Dataset, open_source, stream_of
-from kdbench.errors import UserError
+from kdbench.data import BatchStream, load_dataset
 from kdbench.logs import EpochLog
 from kdbench.method import (
+    EMBEDDING,
+    POSTACT_STAGES,
     PREACT_STAGES,
     STAGES,
     Batch,
@@ -80,9 +82,6 @@ class TrainOptions:
     deterministic: bool = False
     data_dir: Path | None = None
     threads: int | None = None  # CPU threads for this run (several runs share a machine)
-    # DataLoader worker processes of an ImageFolder dataset (kdbench/imagefolder.py); None: one
-    # per core, at most 8. Its batches do not depend on it. In-memory datasets use none.
-    loader_workers: int | None = None
     # What the run keeps besides its record (kdbench.students, kdbench.logs): options of the
     # command, not of the run, since they change what is stored, never what is computed.
     keep: str = KEEP_LAST  # "last": the final student; "best": also the best epoch's
@@ -262,19 +261,177 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     write_atomically(path, buffer.getvalue())
 
 
+def group_key(spec: RunSpec) -> tuple:
+    """What the runs of one group share: the setting, the batches (seed, recipe overrides,
+    precision) and the teacher (its seed and checkpoint). Runs with one key see the same
+    batches and the same frozen teacher, so one teacher forward per batch serves them all."""
+    return (spec.setting, spec.role, spec.seed, spec.precision, spec.teacher_seed,
+            spec.teacher_checkpoint, json.dumps(spec.overrides, sort_keys=True))
+
+
 def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
           on_progress: ProgressCallback | None = None) -> dict[str, Any]:
-    """Train one run to completion (resuming from its checkpoint) and return its record."""
+    """Train one run to completion (resuming from its checkpoint) and return its record: a
+    group of one, through the same loop as a group."""
     report = on_progress or (lambda event: None)
+    outcome = train_group([spec], store, options, lambda _, event: report(event))[spec.id]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+GroupProgress = Callable[[RunSpec, dict[str, Any]], None]
+# Called once per run as soon as it has ended: its record, or the exception that failed it.
+RunFinished = Callable[[RunSpec, "dict[str, Any] | Exception"], None]
+
+
+@dataclass
+class TrainingRun:
+    """One run of a group: everything a solo run owns (model, method, optimiser, scheduler,
+    its global-RNG state, checkpoint, history, logs), and where it is in its schedule."""
+
+    spec: RunSpec
+    method_class: type[Method]
+    method: Method
+    student: nn.Module
+    student_forward: nn.Module
+    student_taps: FeatureTaps
+    stream: BatchStream
+    stages: list[PretrainStage]
+    stage_epochs: list[int]
+    schedule: list[tuple[str, int]]
+    checkpoint_path: Path
+    checkpoint: dict[str, Any] | None  # the one resumed from, until its stage has started
+    history: list[dict[str, Any]]
+    stage_index: int
+    epoch: int  # the next epoch of the current stage, from 0
+    rng: dict[str, Any]  # torch/numpy/python (and CUDA) RNG state, swapped in for its steps
+    threads: int
+    trained_seconds: float
+    images_seen: int
+    kept: KeptStudents
+    log: EpochLog
+    sample: Tensor
+    report: Callable[[dict[str, Any]], None]
+    # The current stage's state, made when the stage starts (``start_stage``).
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    student_parameters: list[nn.Parameter] | None = None
+    method_modules: list[nn.Module] | None = None
+    # The current epoch's device-side sums (``start_epoch``).
+    epoch_started: float = 0.0
+    loss_sum: Tensor | None = None
+    term_sums: dict[str, Tensor] | None = None
+    first_bad_step: Tensor | None = None
+    correct: Tensor | None = None
+    seen: int = 0
+
+    @property
+    def stage_name(self) -> str:
+        return self.schedule[self.stage_index][0]
+
+    @property
+    def is_main(self) -> bool:
+        return self.stage_name == MAIN_STAGE
+
+    @property
+    def pretrain(self) -> PretrainStage | None:
+        return None if self.is_main else self.stages[self.stage_index]
+
+    @property
+    def run_student(self) -> bool:
+        return self.is_main or self.pretrain.student_up_to_stage is not None
+
+    @property
+    def pretrain_total(self) -> int:
+        return sum(self.stage_epochs)
+
+    @property
+    def epochs_done(self) -> int:
+        """Epochs finished over all stages: the run furthest behind trains first."""
+        return len(self.history)
+
+    @property
+    def finished(self) -> bool:
+        return self.stage_index == len(self.schedule) - 1 and self.epoch >= self.schedule[-1][1]
+
+    def batch_position(self) -> tuple[bytes, int]:
+        """What decides the batches of its next epoch: its stream's generator state (the seed
+        and the epochs drawn so far) and, on the CPU, its thread count (the order of the
+        teacher's floating-point sums). Runs at one position share every batch."""
+        return bytes(self.stream.generator.get_state().numpy()), self.threads
+
+
+@contextlib.contextmanager
+def rng_of(run: TrainingRun):
+    """Run the block with ``run``'s global RNG state, and keep what the block left of it: a
+    run's steps draw (dropout, sampling) exactly as they would alone."""
+    set_rng_state(run.rng)
+    try:
+        yield
+    finally:
+        run.rng = rng_state()
+
+
+def restricted(features: Features | None, roles: frozenset[str]) -> Features | None:
+    """``features`` with only ``roles`` filled, as a run alone would collect them: the group's
+    teacher taps are the union of its runs' roles."""
+    if features is None:
+        return None
+    return Features(
+        logits=features.logits,
+        stages=features.stages if STAGES in roles else [],
+        embedding=features.embedding if EMBEDDING in roles else None,
+        preact_stages=features.preact_stages if PREACT_STAGES in roles else [],
+        postact_stages=features.postact_stages if POSTACT_STAGES in roles else [],
+    )
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The peak memory of this process so far: on CUDA the tensors' (max_memory_allocated), on
+    the CPU the resident set (ru_maxrss, which Linux gives in KiB and macOS in bytes)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if platform.system() == "Darwin" else peak * 1024)
+
+
+def train_group(specs: list[RunSpec], store: Store, options: TrainOptions = TrainOptions(),
+                on_progress: GroupProgress | None = None,
+                on_finished: RunFinished | None = None) -> dict[str, dict[str, Any] | Exception]:
+    """Train the runs of one group (one ``group_key``) together and return each one's record,
+    or the exception that failed it.
+
+    Each run is built exactly as a solo run builds it (``seed_everything(seed)`` before its
+    build, so no run's initialisation depends on another's) and keeps its own global-RNG state,
+    swapped in for its steps. The loop goes epoch by epoch: the runs furthest behind whose
+    next batches coincide (``TrainingRun.batch_position``) train the epoch together, one batch
+    and one teacher forward (the union of their taps) at a time, then each run's step. So a
+    group's runs are bit-identical on the CPU to the same runs trained alone; runs resumed at
+    different epochs catch up apart and rejoin where their batches coincide; and a run whose
+    pre-training stages consumed its stream runs its main stage apart (its batches are its
+    own). A run that raises, or whose loss goes non-finite, ends failed and leaves the group;
+    the others go on."""
+    if not specs:
+        return {}
+    keys = {group_key(spec) for spec in specs}
+    if len(keys) != 1:
+        raise ValueError(f"the runs of a group must share setting, seed, precision, recipe and "
+                         f"teacher; got {len(keys)} groups")
+    report_to = on_progress or (lambda spec, event: None)
+    finished_with = on_finished or (lambda spec, outcome: None)
     started = time.time()
-    # ---- setup -----------------------------------------------------------------------------
-    setting = settings.for_spec(spec)
-    is_teacher = spec.role == TEACHER
+    # ---- setup (shared) --------------------------------------------------------------------
+    first = specs[0]
+    setting = settings.get(first.setting)
+    is_teacher = first.role == TEACHER
     base_recipe = setting.teacher_recipe if is_teacher else setting.recipe
-    recipe = base_recipe.with_overrides(spec.overrides)
+    recipe = base_recipe.with_overrides(first.overrides)
     device = pick_device(options)
     on_cuda = device.type == "cuda"
-    precision = spec.precision  # part of the run's identity (kdbench.spec)
+    precision = first.precision  # part of the run's identity (kdbench.spec)
     if options.threads:
         torch.set_num_threads(options.threads)
     configure_kernels(on_cuda, options.deterministic)
@@ -282,63 +439,143 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
     # outside it from fp32 copies of the features (taps.as_float32).
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
+    seed_everything(first.seed)
+    # Loaded once and moved to the device once: every run's stream reads the same tensors.
+    dataset = load_dataset(setting.dataset, options.data_dir, setting.train_subset).to(device)
+    outcomes: dict[str, dict[str, Any] | Exception] = {}
+    shared: dict[str, Any] = {"teacher": None}
+
+    def fail(spec: RunSpec, error: Exception, run: TrainingRun | None = None) -> None:
+        if run is not None:
+            run.student_taps.remove()
+            run.log.close()
+        outcomes[spec.id] = error
+        finished_with(spec, error)
+
+    # ---- build (per run, as alone) ---------------------------------------------------------
+    runs: list[TrainingRun] = []
+    for spec in specs:
+        try:
+            runs.append(build_run(spec, setting, recipe, dataset, device, store, options, shared,
+                                  lambda event, spec=spec: report_to(spec, event)))
+        except Exception as error:  # a broken method or config fails its own run only
+            fail(spec, error)
+    teacher: nn.Module | None = shared["teacher"]
+    teacher_roles = frozenset().union(*(run.method.teacher_taps for run in runs
+                                        if run.method.uses_teacher and not is_teacher))
+    teacher_taps = FeatureTaps(teacher, teacher_roles) if teacher is not None else None
+    teacher_forward = torch.compile(teacher) if options.compile and teacher is not None else teacher
+    provenance_group = {"size": len(specs), "members": [spec.id for spec in specs]}
+
+    # ---- epochs ------------------------------------------------------------------------------
+    active = [run for run in runs if not run.finished]
+    for run in [run for run in runs if run.finished]:  # killed after its last checkpoint
+        finish_run(run, setting, dataset, store, device, precision, options, is_teacher, started,
+                   provenance_group, outcomes, finished_with)
+    while active:
+        leader = min(active, key=lambda run: run.epochs_done)
+        position = leader.batch_position()
+        cohort = [run for run in active if run.batch_position() == position]
+        torch.set_num_threads(leader.threads)
+        for run in list(cohort):
+            try:
+                with rng_of(run):
+                    start_epoch(run, recipe, device)
+            except Exception as error:
+                cohort.remove(run)
+                active.remove(run)
+                fail(run.spec, error, run)
+        if not cohort:
+            continue
+        steps = leader.stream.steps_per_epoch
+        wants_teacher = teacher is not None and any(run.method.uses_teacher for run in cohort)
+        for step, (images, labels, index) in enumerate(leader.stream.epoch()):
+            if on_cuda:
+                images = images.contiguous(memory_format=torch.channels_last)
+            batch = Batch(images, labels, index)
+            t_all = None
+            if wants_teacher:
+                # Once per batch for the whole cohort. no_grad rather than inference_mode:
+                # methods feed teacher features into trainable modules (MHGD's attention
+                # network), which must save them for backward.
+                with autocast, torch.no_grad():
+                    t_all = teacher_taps.pop(teacher_forward(images))
+            for run in list(cohort):
+                t = restricted(t_all, run.method.teacher_taps) if run.method.uses_teacher else None
+                try:
+                    with rng_of(run):
+                        train_step(run, batch, t, step, steps, autocast)
+                except Exception as error:
+                    cohort.remove(run)
+                    active.remove(run)
+                    fail(run.spec, error, run)
+        for run in cohort:
+            # Its stream drew this epoch through the leader's: the same state, so its
+            # checkpoint resumes exactly where a run alone would.
+            run.stream.load_state_dict(leader.stream.state_dict())
+            try:
+                with rng_of(run):
+                    end_epoch(run, recipe, autocast, on_cuda)
+            except Exception as error:
+                active.remove(run)
+                fail(run.spec, error, run)
+                continue
+            if run.finished:
+                active.remove(run)
+                finish_run(run, setting, dataset, store, device, precision, options, is_teacher,
+                           started, provenance_group, outcomes, finished_with)
+    if teacher_taps is not None:
+        teacher_taps.remove()
+    return {spec.id: outcomes[spec.id] for spec in specs}
+
+
+def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe, dataset,
+              device: torch.device, store: Store, options: TrainOptions, shared: dict[str, Any],
+              report: Callable[[dict[str, Any]], None]) -> TrainingRun:
+    """Build one run as a run alone does, from its own seed: stream, method, student, teacher
+    (the group's first one is kept in ``shared`` and serves every run: the others' are loaded
+    too, as alone, for the RNG draws their construction makes, and dropped), dry pass, the
+    method's modules, its checkpoint."""
+    on_cuda = device.type == "cuda"
+    is_teacher = spec.role == TEACHER
     seed_everything(spec.seed)
-    # The seeded batches (kdbench/data.py); the stream also says the data's classes, channels
-    # and training-set size and labels.
-    source = open_source(setting.dataset, setting.dataset_options, setting.train_subset,
-                         options.data_dir)
-    held_out = None  # the validation split (kdbench/validation.py), when the run holds one out
-    if spec.held_out is not None:
-        from kdbench import validation
-
-        if not isinstance(source, Dataset):
-            raise UserError(f"a validation split (--select-on val) is taken from in-memory data; "
-                            f"{setting.dataset} is read from files (an ImageFolder)")
-        source, held_out_set, held_out = validation.split(source, spec.held_out)
-        # Evaluated as the test split is: its own stream, nothing trains on it.
-        val_stream = BatchStream(held_out_set, device, recipe.batch_size, recipe.augmentation, spec.seed)
-    stream = stream_of(source, device, recipe.batch_size, recipe.augmentation, spec.seed,
-                       options.loader_workers)
-
-    # ---- build -----------------------------------------------------------------------------
+    stream = BatchStream(dataset, device, recipe.batch_size, recipe.augmentation, spec.seed)
     method_class = registry.get(spec.method)
     method: Method = method_class(method_class.Config.from_json(spec.config))
     arch = setting.teacher if is_teacher else setting.student
-    student = build_model(arch, stream.num_classes, stream.in_channels).to(device)
+    student = build_model(arch, dataset.num_classes, dataset.in_channels).to(device)
     teacher: nn.Module | None = None
     if method.uses_teacher and not is_teacher:
         from kdbench.teachers import load_teacher  # teachers.py imports train.py
 
-        teacher = load_teacher(spec.teacher_spec(), setting, stream, store).to(device)
-        teacher.eval().requires_grad_(False)
+        loaded = load_teacher(spec.teacher_spec(), setting, dataset, store)
+        if shared["teacher"] is None:
+            loaded = loaded.to(device)
+            loaded.eval().requires_grad_(False)
+            if on_cuda:
+                loaded = loaded.to(memory_format=torch.channels_last)
+            shared["teacher"] = loaded
+        teacher = shared["teacher"]
     if on_cuda:
         student = student.to(memory_format=torch.channels_last)
-        if teacher is not None:
-            teacher = teacher.to(memory_format=torch.channels_last)
     student_taps = FeatureTaps(student, method.student_taps)
-    teacher_taps = FeatureTaps(teacher, method.teacher_taps) if teacher is not None else None
-    sample = stream.sample(2)
+    sample = stream.normalise(dataset.test_images[:2].to(device))
     with torch.no_grad():
         student.eval()
         student_shapes = shapes_of(student_taps.pop(student(sample)), student)
-        teacher_shapes = shapes_of(teacher_taps.pop(teacher(sample)), teacher) if teacher is not None else None
-    method.build(student_shapes, teacher_shapes, stream.num_train)
+        teacher_shapes = None
+        if teacher is not None:
+            # Its own taps for the dry pass: the shapes a run alone would see.
+            dry_taps = FeatureTaps(teacher, method.teacher_taps)
+            teacher_shapes = shapes_of(dry_taps.pop(teacher(sample)), teacher)
+            dry_taps.remove()
+    method.build(student_shapes, teacher_shapes, dataset.num_train)
     method.to(device)
-    method.observe_training_set(stream.train_labels.to(device))
+    method.observe_training_set(dataset.train_labels.to(device))
     student_forward = torch.compile(student) if options.compile else student
-    teacher_forward = torch.compile(teacher) if options.compile and teacher is not None else teacher
-
-    def teacher_features(images: Tensor) -> Features | None:
-        if teacher is None:
-            return None
-        # no_grad rather than inference_mode: methods feed teacher features into trainable
-        # modules (MHGD's attention network), which must save them for backward.
-        with torch.no_grad():
-            return teacher_taps.pop(teacher_forward(images))
 
     stages: list[PretrainStage] = [] if is_teacher else method.pretrain_stages()
     stage_epochs = [max(1, round(stage.epochs * setting.pretrain_scale)) for stage in stages]
-    pretrain_total = sum(stage_epochs)
     schedule = [(stage.name, epochs) for stage, epochs in zip(stages, stage_epochs)]
     schedule.append((MAIN_STAGE, recipe.epochs))
 
@@ -346,160 +583,207 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
     checkpoint_path = store.checkpoint_path(spec.id)
     checkpoint = load_checkpoint(checkpoint_path, spec.id)
     history: list[dict[str, Any]] = []
-    start_stage, start_epoch = 0, 0
+    stage_index, epoch = 0, 0
+    # The thread count of its checkpoint: on the CPU the numbers depend on it (the order of
+    # floating-point sums), and a resumed run must end as the uninterrupted one would.
+    threads = torch.get_num_threads()
     if checkpoint is not None:
-        # The thread count it was made with: on the CPU the numbers depend on it (the order of
-        # floating-point sums), and a resumed run must end as the uninterrupted one would.
-        if checkpoint.get("threads"):
-            torch.set_num_threads(checkpoint["threads"])
+        threads = checkpoint.get("threads") or threads
         student.load_state_dict(checkpoint["student"])
         method.load_state_dict(checkpoint["method"])
         history = checkpoint["history"]
-        start_stage, start_epoch = checkpoint["stage_index"], checkpoint["epoch"]
-    trained_seconds = checkpoint["trained_seconds"] if checkpoint else 0.0
-    images_seen = checkpoint["images_seen"] if checkpoint else 0
+        stage_index, epoch = checkpoint["stage_index"], checkpoint["epoch"]
+        stream.load_state_dict(checkpoint["stream"])
     kept = KeptStudents(store, spec.id, options.keep)
     kept.resume(checkpoint, history)
     log = EpochLog(store, spec.id, options.tensorboard)
     log.start(history)  # a resumed run's logs are rewritten from its checkpoint's history
+    run = TrainingRun(
+        spec=spec, method_class=method_class, method=method, student=student,
+        student_forward=student_forward, student_taps=student_taps, stream=stream,
+        stages=stages, stage_epochs=stage_epochs, schedule=schedule,
+        checkpoint_path=checkpoint_path, checkpoint=checkpoint, history=history,
+        stage_index=stage_index, epoch=epoch,
+        rng=checkpoint["rng"] if checkpoint is not None else rng_state(), threads=threads,
+        trained_seconds=checkpoint["trained_seconds"] if checkpoint else 0.0,
+        images_seen=checkpoint["images_seen"] if checkpoint else 0,
+        kept=kept, log=log, sample=sample, report=report)
+    skip_finished_stages(run)
+    return run
 
-    def checkpoint_here(stage_index: int, epoch: int, optimizer, scheduler) -> None:
-        """Everything a resumed run needs; optimiser None marks a stage boundary."""
-        save_checkpoint(checkpoint_path, {
-            "run_id": spec.id, "stage_index": stage_index, "epoch": epoch,
-            "student": student.state_dict(), "method": method.state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer else None,
-            "scheduler": scheduler.state_dict() if scheduler else None,
-            "stream": stream.state_dict(), "rng": rng_state(), "history": history,
-            "trained_seconds": trained_seconds, "images_seen": images_seen,
-            **kept.checkpoint_state(),
-            "threads": torch.get_num_threads(),
-        })
 
-    # What progress displays count (kdbench.progress): every stage's epochs, and how many of
-    # them the checkpoint had done (a resumed run).
-    report({"event": "start", "schedule": schedule, "epochs": sum(epochs for _, epochs in schedule),
-            "done": len(history)})
+def skip_finished_stages(run: TrainingRun) -> None:
+    """A run killed between a stage's last checkpoint and the next stage's boundary checkpoint
+    goes on at the next stage, as the boundary checkpoint would have said."""
+    while run.stage_index + 1 < len(run.schedule) and run.epoch >= run.schedule[run.stage_index][1]:
+        advance_stage(run)
 
-    # ---- stages ----------------------------------------------------------------------------
-    for stage_index, (stage_name, epochs) in enumerate(schedule):
-        if stage_index < start_stage:
-            continue
-        is_main = stage_name == MAIN_STAGE
-        pretrain = None if is_main else stages[stage_index]
-        run_student = is_main or pretrain.student_up_to_stage is not None
+
+def advance_stage(run: TrainingRun) -> None:
+    # The next stage starts at its epoch 0 with its own optimiser: checkpoint that boundary so
+    # a resumed run does not repeat this stage.
+    run.stage_index, run.epoch = run.stage_index + 1, 0
+    run.optimizer = run.scheduler = None
+    checkpoint_run(run)
+    run.checkpoint = None  # the next stage starts fresh in this process
+
+
+def checkpoint_run(run: TrainingRun) -> None:
+    """Everything a resumed run needs; optimiser None marks a stage boundary."""
+    save_checkpoint(run.checkpoint_path, {
+        "run_id": run.spec.id, "stage_index": run.stage_index, "epoch": run.epoch,
+        "student": run.student.state_dict(), "method": run.method.state_dict(),
+        "optimizer": run.optimizer.state_dict() if run.optimizer else None,
+        "scheduler": run.scheduler.state_dict() if run.scheduler else None,
+        "stream": run.stream.state_dict(), "rng": run.rng, "history": run.history,
+        "trained_seconds": run.trained_seconds, "images_seen": run.images_seen,
+        **run.kept.checkpoint_state(),
+        "threads": run.threads,
+    })
+
+
+def start_stage(run: TrainingRun, recipe: settings.Recipe) -> None:
+    """The current stage's trainable set, optimiser and schedule (restored from the checkpoint
+    when the run resumes inside this stage)."""
+    pretrain = run.pretrain
+    epochs = run.schedule[run.stage_index][1]
+    if run.is_main:
+        run.student_parameters = list(run.student.parameters())
+        trainable = run.student_parameters + iter_parameters(run.method.trainable_modules())
+        lr_schedule = "setting"
+    else:
+        run.student_parameters = (parameters_feeding(run.student, run.student_taps,
+                                                     pretrain.student_up_to_stage, run.sample,
+                                                     pretrain.student_role)
+                                  if run.run_student else [])
+        trainable = run.student_parameters + iter_parameters(pretrain.modules)
+        lr_schedule = pretrain.lr_schedule
+    stage_recipe = recipe if run.is_main else recipe.with_overrides(stage_overrides(pretrain))
+    run.optimizer = build_optimizer(trainable, stage_recipe)
+    run.scheduler = build_scheduler(run.optimizer, recipe, epochs, lr_schedule)
+    checkpoint = run.checkpoint
+    if checkpoint is not None and checkpoint["stage_index"] == run.stage_index:
+        if checkpoint["optimizer"] is not None:  # None: saved at a stage boundary
+            run.optimizer.load_state_dict(checkpoint["optimizer"])
+            run.scheduler.load_state_dict(checkpoint["scheduler"])
+    run.checkpoint = None
+    run.method_modules = run.method.trainable_modules() if run.is_main else pretrain.modules
+
+
+def start_epoch(run: TrainingRun, recipe: settings.Recipe, device: torch.device) -> None:
+    if run.optimizer is None:
+        start_stage(run, recipe)
+    run.epoch_started = time.time()
+    run.student.train(run.run_student)
+    run.method.eval()  # modules a stage trains are put in train mode just below
+    for module in run.method_modules:
+        module.train()
+    run.loss_sum = torch.zeros((), device=device)
+    run.term_sums = {}
+    run.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    run.correct = torch.zeros((), dtype=torch.long, device=device)
+    run.seen = 0
+
+
+def train_step(run: TrainingRun, batch: Batch, t: Features | None, step: int, steps: int,
+               autocast: contextlib.AbstractContextManager) -> None:
+    """One optimiser step of ``run`` on ``batch``, given the teacher's features ``t``."""
+    images, labels = batch.images, batch.labels
+    is_main = run.is_main
+    epochs = run.schedule[run.stage_index][1]
+    progress = Progress(run.epoch, epochs, step, steps, run.pretrain_total if is_main else 0)
+    with autocast:
         if is_main:
-            student_parameters = list(student.parameters())
-            trainable = student_parameters + iter_parameters(method.trainable_modules())
-            lr_schedule = "setting"
+            logits = run.student_forward(images)
+            s = run.student_taps.pop(logits)
         else:
-            student_parameters = (parameters_feeding(student, student_taps, pretrain.student_up_to_stage,
-                                                     sample, pretrain.student_role)
-                                  if run_student else [])
-            trainable = student_parameters + iter_parameters(pretrain.modules)
-            lr_schedule = pretrain.lr_schedule
-        stage_recipe = recipe if is_main else recipe.with_overrides(stage_overrides(pretrain))
-        optimizer = build_optimizer(trainable, stage_recipe)
-        scheduler = build_scheduler(optimizer, recipe, epochs, lr_schedule)
-        first_epoch = 0
-        if checkpoint is not None and stage_index == start_stage:
-            if checkpoint["optimizer"] is not None:  # None: saved at a stage boundary
-                optimizer.load_state_dict(checkpoint["optimizer"])
-                scheduler.load_state_dict(checkpoint["scheduler"])
-            stream.load_state_dict(checkpoint["stream"])
-            set_rng_state(checkpoint["rng"])
-            first_epoch = start_epoch
-        method_modules = method.trainable_modules() if is_main else pretrain.modules
-        steps = stream.steps_per_epoch
+            s = run.student_taps.pop(run.student_forward(images)) if run.run_student else None
+    # Losses, softmax with temperature, distances and attention maps in fp32.
+    if is_main:
+        terms = {"ce": run.method.ce_weight * F.cross_entropy(logits.float(), labels)}
+        terms.update(run.method.loss(as_float32(s), as_float32(t), batch, progress))
+    else:
+        terms = run.pretrain.loss(as_float32(s), as_float32(t), batch)
+    run.optimizer.zero_grad(set_to_none=True)
+    if is_main:
+        run.method.backward(terms, run.student_parameters, progress)
+    else:
+        torch.stack(list(terms.values())).sum().backward()
+    run.optimizer.step()
+    # Device-side bookkeeping only: no .item() in the hot loop.
+    total = torch.stack([term.detach().float() for term in terms.values()]).sum()
+    # ``step`` as a Python scalar: a kernel argument, not a host-to-device copy.
+    run.first_bad_step = torch.where((run.first_bad_step < 0) & ~torch.isfinite(total),
+                                     step, run.first_bad_step)
+    run.loss_sum += total * len(labels)
+    for name, term in terms.items():
+        run.term_sums[name] = run.term_sums.get(name, 0.0) + term.detach().float() * len(labels)
+    if is_main:
+        run.correct += (logits.detach().argmax(1) == labels).sum()
+    run.seen += len(labels)
+    if step % 20 == 0:
+        run.report({"event": "step", "stage": run.stage_name, "epoch": run.epoch + 1,
+                    "epochs": epochs, "step": step + 1, "steps": steps})
 
-        for epoch in range(first_epoch, epochs):
-            epoch_started = time.time()
-            student.train(run_student)
-            method.eval()  # modules a stage trains are put in train mode just below
-            for module in method_modules:
-                module.train()
-            loss_sum = torch.zeros((), device=device)
-            term_sums: dict[str, Tensor] = {}
-            first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-            correct = torch.zeros((), dtype=torch.long, device=device)
-            seen = 0
-            for step, (images, labels, index) in enumerate(stream.epoch()):
-                if on_cuda:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                batch = Batch(images, labels, index)
-                progress = Progress(epoch, epochs, step, steps, pretrain_total if is_main else 0)
-                with autocast:
-                    t = teacher_features(images)  # once per batch, shared by all of its taps
-                    if is_main:
-                        logits = student_forward(images)
-                        s = student_taps.pop(logits)
-                    else:
-                        s = student_taps.pop(student_forward(images)) if run_student else None
-                # Losses, softmax with temperature, distances and attention maps in fp32.
-                if is_main:
-                    terms = {"ce": method.ce_weight * F.cross_entropy(logits.float(), labels)}
-                    terms.update(method.loss(as_float32(s), as_float32(t), batch, progress))
-                else:
-                    terms = pretrain.loss(as_float32(s), as_float32(t), batch)
-                optimizer.zero_grad(set_to_none=True)
-                if is_main:
-                    method.backward(terms, student_parameters, progress)
-                else:
-                    torch.stack(list(terms.values())).sum().backward()
-                optimizer.step()
-                # Device-side bookkeeping only: no .item() in the hot loop.
-                total = torch.stack([term.detach().float() for term in terms.values()]).sum()
-                # ``step`` as a Python scalar: a kernel argument, not a host-to-device copy.
-                first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(total),
-                                             step, first_bad_step)
-                loss_sum += total * len(labels)
-                for name, term in terms.items():
-                    term_sums[name] = term_sums.get(name, 0.0) + term.detach().float() * len(labels)
-                if is_main:
-                    correct += (logits.detach().argmax(1) == labels).sum()
-                seen += len(labels)
-                if step % 20 == 0:
-                    report({"event": "step", "stage": stage_name, "epoch": epoch + 1,
-                            "epochs": epochs, "step": step + 1, "steps": steps})
-            # ---- end of epoch: the one host sync --------------------------------------------
-            bad_step = int(first_bad_step.item())
-            if bad_step >= 0:
-                raise NonFiniteLoss(f"loss became non-finite in stage {stage_name!r}, epoch "
-                                    f"{epoch + 1}, step {bad_step + 1}")
-            lr = optimizer.param_groups[0]["lr"]  # the one this epoch trained with
-            scheduler.step()
-            entry: dict[str, Any] = {
-                "stage": stage_name, "epoch": epoch + 1, "loss": loss_sum.item() / seen,
-                "terms": {name: value.item() / seen for name, value in term_sums.items()},
-                "lr": lr, "lr_next": optimizer.param_groups[0]["lr"],
-            }
-            if is_main:
-                entry["train_top1"] = 100.0 * correct.item() / seen
-                if (epoch + 1) % recipe.eval_every == 0 or epoch + 1 == epochs:
-                    top1, top5 = evaluate(student_forward, stream, autocast, on_cuda)
-                    entry.update(top1=top1, top5=top5)
-                    if held_out is not None:
-                        val_top1, val_top5 = evaluate(student_forward, val_stream, autocast, on_cuda)
-                        entry.update(val_top1=val_top1, val_top5=val_top5)
-            entry["seconds"] = time.time() - epoch_started
-            trained_seconds += entry["seconds"]
-            images_seen += seen
-            history.append(entry)
-            kept.observe(entry, student)  # a new best epoch's weights travel in the checkpoint
-            checkpoint_here(stage_index, epoch + 1, optimizer, scheduler)
-            log.epoch(history)
-            report({"event": "epoch", **entry, "epochs": epochs})
-        if stage_index + 1 < len(schedule):
-            # The next stage starts at its epoch 0 with its own optimiser: checkpoint that
-            # boundary so a resumed run does not repeat this stage.
-            checkpoint_here(stage_index + 1, 0, None, None)
-            checkpoint = None  # the next stage starts fresh in this process
 
-    # ---- record ----------------------------------------------------------------------------
-    student_taps.remove()
-    if teacher_taps is not None:
-        teacher_taps.remove()
-    log.close()
+def end_epoch(run: TrainingRun, recipe: settings.Recipe,
+              autocast: contextlib.AbstractContextManager, on_cuda: bool) -> None:
+    """The end of an epoch: the one host sync, the history entry, evaluation, checkpoint."""
+    stage_name, epochs = run.schedule[run.stage_index]
+    bad_step = int(run.first_bad_step.item())
+    if bad_step >= 0:
+        raise NonFiniteLoss(f"loss became non-finite in stage {stage_name!r}, epoch "
+                            f"{run.epoch + 1}, step {bad_step + 1}")
+    lr = run.optimizer.param_groups[0]["lr"]  # the one this epoch trained with
+    run.scheduler.step()
+    seen = run.seen
+    entry: dict[str, Any] = {
+        "stage": stage_name, "epoch": run.epoch + 1, "loss": run.loss_sum.item() / seen,
+        "terms": {name: value.item() / seen for name, value in run.term_sums.items()},
+        "lr": lr, "lr_next": run.optimizer.param_groups[0]["lr"],
+    }
+    if run.is_main:
+        entry["train_top1"] = 100.0 * run.correct.item() / seen
+        if (run.epoch + 1) % recipe.eval_every == 0 or run.epoch + 1 == epochs:
+            top1, top5 = evaluate(run.student_forward, run.stream, autocast, on_cuda)
+            entry.update(top1=top1, top5=top5)
+    entry["seconds"] = time.time() - run.epoch_started
+    run.trained_seconds += entry["seconds"]
+    run.images_seen += seen
+    run.history.append(entry)
+    run.kept.observe(entry, run.student)  # a new best epoch's weights travel in the checkpoint
+    run.epoch += 1
+    checkpoint_run(run)
+    run.log.epoch(run.history)
+    run.report({"event": "epoch", **entry, "epochs": epochs})
+    if run.epoch >= epochs and run.stage_index + 1 < len(run.schedule):
+        advance_stage(run)
+
+
+def finish_run(run: TrainingRun, setting: settings.Setting, dataset, store: Store,
+               device: torch.device, precision: str, options: TrainOptions, is_teacher: bool,
+               started: float, group: dict[str, Any],
+               outcomes: dict[str, dict[str, Any] | Exception], finished_with: RunFinished) -> None:
+    """Make a finished run's record (or its failure) and hand it on at once."""
+    try:
+        record = run_record(run, setting, dataset, store, device, precision, options, is_teacher,
+                            started, group)
+    except Exception as error:
+        run.student_taps.remove()
+        run.log.close()
+        outcomes[run.spec.id] = error
+        finished_with(run.spec, error)
+        return
+    outcomes[run.spec.id] = record
+    finished_with(run.spec, record)
+
+
+def run_record(run: TrainingRun, setting: settings.Setting, dataset, store: Store,
+               device: torch.device, precision: str, options: TrainOptions, is_teacher: bool,
+               started: float, group: dict[str, Any]) -> dict[str, Any]:
+    spec, method, history = run.spec, run.method, run.history
+    run.student_taps.remove()
+    run.log.close()
     main = [entry for entry in history if entry["stage"] == MAIN_STAGE and "top1" in entry]
     best = max(main, key=lambda entry: entry["top1"])
     record: dict[str, Any] = {
@@ -507,39 +791,30 @@ def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
         "status": "done",
         "spec": spec.to_json(),
         "setting": {**setting.to_json(), "recipe": {**setting.to_json()["teacher_recipe" if is_teacher else "recipe"], **spec.overrides},
-                    "num_classes": stream.num_classes, "in_channels": stream.in_channels,
-                    "pretrain_epochs": stage_epochs},
+                    "num_classes": dataset.num_classes, "pretrain_epochs": run.stage_epochs},
         "config": method.config.to_json(),
         "metrics": {"top1_last": main[-1]["top1"], "top5_last": main[-1]["top5"],
-                    "top1_best": best["top1"], "top5_best": best["top5"], "best_epoch": best["epoch"],
-                    **(validation_metrics(main) if held_out is not None else {})},
+                    "top1_best": best["top1"], "top5_best": best["top5"], "best_epoch": best["epoch"]},
         "history": history,
-        **({"validation": held_out.to_json()} if held_out is not None else {}),
         "error": None,
         "wall_seconds": time.time() - started,
-        "train_seconds": trained_seconds,
-        "images_per_second": images_seen / trained_seconds if trained_seconds else None,
+        "train_seconds": run.trained_seconds,
+        "images_per_second": run.images_seen / run.trained_seconds if run.trained_seconds else None,
         "extra_parameters": method.extra_parameters(),
+        # The group's process: every run of a group reports the same peak.
+        "peak_memory_bytes": peak_memory_bytes(device),
         # The teacher's run uses the student-alone method, but its row is the teacher's.
         "method_display_name": "Teacher" if is_teacher else method.configured_display_name(),
-        "provenance": provenance(method_class, device, precision, options.deterministic),
+        "provenance": {**provenance(run.method_class, device, precision, options.deterministic),
+                       "threads": run.threads, "group": group},
     }
     if is_teacher:
         from kdbench.teachers import save_teacher_weights
 
-        record["teacher_weights"] = save_teacher_weights(student, spec, store)
-    record["student_weights"] = kept.keep(student, main[-1]["epoch"], best["epoch"],
-                                          last=record.get("teacher_weights"))
+        record["teacher_weights"] = save_teacher_weights(run.student, spec, store)
+    record["student_weights"] = run.kept.keep(run.student, main[-1]["epoch"], best["epoch"],
+                                              last=record.get("teacher_weights"))
     return record
-
-
-def validation_metrics(main: list[dict[str, Any]]) -> dict[str, Any]:
-    """Validation accuracy at the last epoch and at the best validation epoch, for the
-    record's metrics beside the test accuracy (kdbench/validation.py)."""
-    best = max(main, key=lambda entry: entry["val_top1"])
-    return {"val_top1_last": main[-1]["val_top1"], "val_top5_last": main[-1]["val_top5"],
-            "val_top1_best": best["val_top1"], "val_top5_best": best["val_top5"],
-            "val_best_epoch": best["epoch"]}
 
 
 def configure_kernels(on_cuda: bool, deterministic: bool) -> None:
