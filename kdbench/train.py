@@ -35,6 +35,7 @@ import kdbench
 from kdbench import registry, settings, sources
 from kdbench.data import BatchStream, load_dataset
 from kdbench.logs import EpochLog
+from kdbench.memory import ActivationCounter, fits, parameter_bytes
 from kdbench.method import (
     EMBEDDING,
     POSTACT_STAGES,
@@ -313,6 +314,9 @@ class TrainingRun:
     log: EpochLog
     sample: Tensor
     report: Callable[[dict[str, Any]], None]
+    # Its device memory, for the split of a group that would not fit the GPU (kdbench.memory).
+    parameter_bytes: int
+    activation_bytes: int
     # The current stage's state, made when the stage starts (``start_stage``).
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
@@ -454,18 +458,35 @@ def train_group(specs: list[RunSpec], store: Store, options: TrainOptions = Trai
 
     # ---- build (per run, as alone) ---------------------------------------------------------
     runs: list[TrainingRun] = []
+    later: list[RunSpec] = []  # on CUDA, the runs that would not fit beside these
     for spec in specs:
+        if later:
+            later.append(spec)
+            continue
         try:
-            runs.append(build_run(spec, setting, recipe, dataset, device, store, options, shared,
-                                  lambda event, spec=spec: report_to(spec, event)))
+            run = build_run(spec, setting, recipe, dataset, device, store, options, shared,
+                            lambda event, spec=spec: report_to(spec, event))
         except Exception as error:  # a broken method or config fails its own run only
             fail(spec, error)
+            continue
+        if on_cuda and runs and not fits([r.parameter_bytes for r in runs + [run]],
+                                         [r.activation_bytes for r in runs + [run]],
+                                         torch.cuda.mem_get_info(device)[0]):
+            # Split: this run and the rest train as a group of their own afterwards, built
+            # again from their seeds (so exactly as they are built here).
+            run.student_taps.remove()
+            run.log.close()
+            del run
+            later.append(spec)
+            continue
+        runs.append(run)
     teacher: nn.Module | None = shared["teacher"]
     teacher_roles = frozenset().union(*(run.method.teacher_taps for run in runs
                                         if run.method.uses_teacher and not is_teacher))
     teacher_taps = FeatureTaps(teacher, teacher_roles) if teacher is not None else None
     teacher_forward = torch.compile(teacher) if options.compile and teacher is not None else teacher
-    provenance_group = {"size": len(specs), "members": [spec.id for spec in specs]}
+    trained_together = [spec for spec in specs if spec not in later]
+    provenance_group = {"size": len(trained_together), "members": [spec.id for spec in trained_together]}
 
     # ---- epochs ------------------------------------------------------------------------------
     active = [run for run in runs if not run.finished]
@@ -488,27 +509,15 @@ def train_group(specs: list[RunSpec], store: Store, options: TrainOptions = Trai
         if not cohort:
             continue
         steps = leader.stream.steps_per_epoch
-        wants_teacher = teacher is not None and any(run.method.uses_teacher for run in cohort)
         for step, (images, labels, index) in enumerate(leader.stream.epoch()):
             if on_cuda:
                 images = images.contiguous(memory_format=torch.channels_last)
             batch = Batch(images, labels, index)
-            t_all = None
-            if wants_teacher:
-                # Once per batch for the whole cohort. no_grad rather than inference_mode:
-                # methods feed teacher features into trainable modules (MHGD's attention
-                # network), which must save them for backward.
-                with autocast, torch.no_grad():
-                    t_all = teacher_taps.pop(teacher_forward(images))
-            for run in list(cohort):
-                t = restricted(t_all, run.method.teacher_taps) if run.method.uses_teacher else None
-                try:
-                    with rng_of(run):
-                        train_step(run, batch, t, step, steps, autocast)
-                except Exception as error:
-                    cohort.remove(run)
-                    active.remove(run)
-                    fail(run.spec, error, run)
+            for run, error in lockstep_step(cohort, batch, teacher_forward, teacher_taps, autocast,
+                                            step, steps):
+                cohort.remove(run)
+                active.remove(run)
+                fail(run.spec, error, run)
         for run in cohort:
             # Its stream drew this epoch through the leader's: the same state, so its
             # checkpoint resumes exactly where a run alone would.
@@ -526,7 +535,35 @@ def train_group(specs: list[RunSpec], store: Store, options: TrainOptions = Trai
                            started, provenance_group, outcomes, finished_with)
     if teacher_taps is not None:
         teacher_taps.remove()
+    if later:
+        del runs, active, teacher, teacher_forward, teacher_taps
+        shared.clear()
+        torch.cuda.empty_cache()
+        outcomes.update(train_group(later, store, options, on_progress, on_finished))
     return {spec.id: outcomes[spec.id] for spec in specs}
+
+
+def lockstep_step(cohort: list[TrainingRun], batch: Batch, teacher_forward: nn.Module | None,
+                  teacher_taps: FeatureTaps | None, autocast: contextlib.AbstractContextManager,
+                  step: int, steps: int) -> list[tuple[TrainingRun, Exception]]:
+    """One batch for a cohort: one teacher forward with the union of its runs' taps, then each
+    run's step with its own RNG state swapped in. Returns the runs that raised, with what."""
+    t_all = None
+    if teacher_forward is not None and any(run.method.uses_teacher for run in cohort):
+        # Once per batch for the whole cohort. no_grad rather than inference_mode: methods
+        # feed teacher features into trainable modules (MHGD's attention network), which must
+        # save them for backward.
+        with autocast, torch.no_grad():
+            t_all = teacher_taps.pop(teacher_forward(batch.images))
+    failed = []
+    for run in cohort:
+        t = restricted(t_all, run.method.teacher_taps) if run.method.uses_teacher else None
+        try:
+            with rng_of(run):
+                train_step(run, batch, t, step, steps, autocast)
+        except Exception as error:
+            failed.append((run, error))
+    return failed
 
 
 def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe, dataset,
@@ -560,9 +597,10 @@ def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe,
         student = student.to(memory_format=torch.channels_last)
     student_taps = FeatureTaps(student, method.student_taps)
     sample = stream.normalise(dataset.test_images[:2].to(device))
-    with torch.no_grad():
+    with torch.no_grad(), ActivationCounter(student) as activations:
         student.eval()
         student_shapes = shapes_of(student_taps.pop(student(sample)), student)
+    with torch.no_grad():
         teacher_shapes = None
         if teacher is not None:
             # Its own taps for the dry pass: the shapes a run alone would see.
@@ -607,7 +645,9 @@ def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe,
         rng=checkpoint["rng"] if checkpoint is not None else rng_state(), threads=threads,
         trained_seconds=checkpoint["trained_seconds"] if checkpoint else 0.0,
         images_seen=checkpoint["images_seen"] if checkpoint else 0,
-        kept=kept, log=log, sample=sample, report=report)
+        kept=kept, log=log, sample=sample, report=report,
+        parameter_bytes=parameter_bytes([student, method]),
+        activation_bytes=activations.scaled(len(sample), recipe.batch_size))
     skip_finished_stages(run)
     return run
 
