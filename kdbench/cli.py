@@ -126,6 +126,10 @@ def build_parser() -> ArgumentParser:
                           "to fill it alone; each run is its own process with its own seed and data "
                           "order, exactly as when run alone. Local executor on CUDA; with --executor "
                           "slurm, N runs per array task (a preset with a GPU per task)")
+    run.add_argument("--no-group", action="store_true",
+                     help="one run per process; by default the runs of one setting and seed train "
+                          "together, one teacher forward per batch for all of them, with records "
+                          "identical to runs trained alone (local and slurm executors)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     run.add_argument("--compile", action="store_true", help="torch.compile the networks")
     run.add_argument("--loader-workers", type=int, metavar="N",
@@ -554,7 +558,7 @@ def launch_grid(args: argparse.Namespace, teachers, students, chosen) -> list:
     display = ProgressDisplay(teachers + students, jobs=jobs, records=records, device=device)
     executor = make_executor(args.executor, jobs=jobs, display=display, preset=args.slurm,
                              preset_overrides=slurm_overrides(args), wait=not args.no_wait,
-                             snapshot=args.snapshot)
+                             snapshot=args.snapshot, group=not args.no_group)
     try:
         return executor.run(teachers, students, args.results, options)
     finally:

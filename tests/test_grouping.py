@@ -2,7 +2,12 @@
 forward per batch, and each run's record is bit-identical to the same run trained alone."""
 
 import dataclasses
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -198,6 +203,77 @@ def test_a_group_of_runs_stored_already_trains_only_what_is_missing(
     assert store.record_path(done.id).stat().st_mtime_ns == before
 
 
-def test_runs_of_different_groups_are_refused(results_with_teacher):
+def test_runs_of_different_groups_are_refused(tmp_path):
     with pytest.raises(ValueError, match="share"):
-        train_group([student("kd", seed=1), student("kd", seed=2)], Store(results_with_teacher))
+        train_group([student("kd", seed=1), student("kd", seed=2)], Store(tmp_path))
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+
+
+def test_memory_estimate_counts_each_layer_output_and_one_steps_activations():
+    from torch import nn
+
+    from kdbench.memory import HEADROOM, ActivationCounter, fits, parameter_bytes, still_to_allocate
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with ActivationCounter(model) as counted:
+        model(torch.zeros(3, 4))
+    assert counted.bytes == 4 * (3 * 8 + 3 * 8 + 3 * 2)  # fp32 outputs of the three layers
+    assert counted.scaled(3, 6) == 2 * counted.bytes
+    model(torch.zeros(3, 4))
+    assert counted.bytes == 4 * 54  # hooks gone after the block
+    assert parameter_bytes([model, model[0]]) == 4 * (4 * 8 + 8 + 8 * 2 + 2)  # shared counted once
+    # Gradients and momentum of every run; the activations of the largest step only.
+    assert still_to_allocate([100, 50], [1000, 3000]) == 2 * 150 + 3000
+    assert fits([100, 50], [1000, 3000], int(3300 / HEADROOM) + 1)
+    assert not fits([100, 50], [1000, 3000], int(3300 / HEADROOM) - 1)
+
+# --- through the command line: the local executor ---------------------------------------------
+
+PYTHON = [sys.executable, "-m", "kdbench"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def stored(results) -> dict[str, dict]:
+    return {record["id"]: record for record in Store(results).records()
+            if record["spec"]["role"] == "student"}
+
+
+# slow: 3 runs of 3 epochs, three times (alone, grouped until killed, resumed), ~60 s on 2 cores.
+@pytest.mark.slow
+def test_run_groups_a_seeds_runs_by_default_and_a_killed_group_resumes_to_the_same_records(
+        results_with_teacher, tmp_path):
+    grid = ["run", "--setting", SETTING, "--methods", "kd,fitnet", "--seeds", "1", "--epochs", "3",
+            "--jobs", "2", "--no-table"]
+    alone = copy_of(results_with_teacher, tmp_path, "alone")
+    solo = subprocess.run(PYTHON + grid + ["--no-group", "--results", str(alone)], env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert solo.returncode == 0, solo.stderr
+    expected = stored(alone)
+    assert len(expected) == 3 and all(r["provenance"]["group"]["size"] == 1 for r in expected.values())
+
+    # Grouped (the default): SIGKILL the launcher and its group's worker once every run of
+    # the group has checkpointed an epoch, then the same command again.
+    results = results_with_teacher
+    store = Store(results)
+    process = subprocess.Popen(PYTHON + grid + ["--results", str(results)], env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while not all(store.checkpoint_path(run_id).exists() for run_id in expected):
+        assert process.poll() is None and time.time() < deadline, "ended before every checkpoint"
+        time.sleep(0.02)
+    time.sleep(0.3)  # into the next epoch
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not stored(results), "killed too late: a run had finished"
+    resumed = subprocess.run(PYTHON + grid + ["--results", str(results)], env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    got = stored(results)
+    assert got.keys() == expected.keys()
+    for run_id, record in got.items():
+        assert comparable(record) == comparable(expected[run_id]), record["spec"]["method"]
+        assert record["provenance"]["group"] == {"size": 3, "members": sorted(
+            got, key=lambda i: ["vanilla", "kd", "fitnet"].index(got[i]["spec"]["method"]))}
