@@ -36,12 +36,12 @@ import torch
 
 from kdbench.errors import UserError
 from kdbench.grid import running_marker
-from kdbench.launch import Result, options_json, usable_cores
+from kdbench.launch import Result, options_json, student_groups, usable_cores
 from kdbench.progress import ProgressDisplay
 from kdbench.spec import TEACHER, RunSpec
 from kdbench.store import CorruptRecord, Store, write_atomically
 from kdbench.train import TrainOptions
-from kdbench.worker import failed_record, run_job
+from kdbench.worker import failed_record, run_group_job, run_job
 
 if TYPE_CHECKING:  # slurm_presets needs tomllib (Python 3.11): imported when SLURM is used
     from kdbench.slurm_presets import SlurmPreset
@@ -62,8 +62,11 @@ class SlurmTask(submitit.helpers.Checkpointable):
     """One SLURM job or array task: ``worker.run_job`` on a group of RunSpecs given as JSON.
 
     A group of one (a spec dict, as every job queued by kdbench before ``runs_per_task``) runs
-    in this process. A group of several (a list of spec dicts) runs as that many processes at
-    once (``_run_group``), each on its own spec with its own seed and data order.
+    in this process. A training group (``{"group": [spec dicts]}``: the runs of one setting
+    and seed, kdbench.train.group_key) trains together in this process, one teacher forward
+    per batch for all (``_train_together``). A group of several (a list of spec dicts: what
+    ``runs_per_task`` packs of the runs left alone) runs as that many processes at once
+    (``_run_group``), each on its own spec with its own seed and data order.
 
     Checkpointable: when SLURM warns of the time limit or a preemption (USR2), submitit calls
     ``checkpoint`` and requeues the job. The training state is not in this object but in each
@@ -75,7 +78,9 @@ class SlurmTask(submitit.helpers.Checkpointable):
 
     def __call__(self, specs: dict[str, Any] | list[dict[str, Any]], results: str,
                  options: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
-        group = [specs] if isinstance(specs, dict) else list(specs)
+        together = isinstance(specs, dict) and TRAINING_GROUP in specs
+        group = (list(specs[TRAINING_GROUP]) if together
+                 else [specs] if isinstance(specs, dict) else list(specs))
         restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         job_id = os.environ.get("SLURM_ARRAY_JOB_ID")
         job_id = (f"{job_id}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job_id
@@ -84,9 +89,13 @@ class SlurmTask(submitit.helpers.Checkpointable):
         # which copy of the code runs (a --snapshot's or the checkout's).
         for index, spec_json in enumerate(group):
             spec = RunSpec.from_json(spec_json)
-            shared = f", run {index + 1} of {len(group)} in this task" if len(group) > 1 else ""
+            shared = (f", run {index + 1} of the {len(group)} trained together in this task"
+                      if together else f", run {index + 1} of {len(group)} in this task"
+                      if len(group) > 1 else "")
             print(f"kdbench: {spec.label()} ({spec.id}): SLURM job {job_id}, attempt {restarts + 1}"
                   f"{shared}, code from {Path(__file__).resolve().parent}", flush=True)
+        if together:
+            return _train_together(group, results, options, restarts)
         if len(group) > 1:
             return _run_group(group, results, options, restarts)
         outcome = run_job(group[0], results, options, on_progress=log_epoch, raise_on_failure=True)
@@ -97,6 +106,12 @@ class SlurmTask(submitit.helpers.Checkpointable):
     def checkpoint(self, specs: dict[str, Any] | list[dict[str, Any]], results: str,
                    options: dict[str, Any]) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(self, specs, results, options)
+
+
+# The call of a task whose runs train together in its process (kdbench.train.train_group):
+# {"group": [spec dicts]}, told apart from a spec dict (which has no such field) and from a
+# list (runs_per_task runs, one process each).
+TRAINING_GROUP = "group"
 
 
 class GroupRunsFailed(RuntimeError):
@@ -155,6 +170,27 @@ def _run_group(group: list[dict[str, Any]], results: str, options: dict[str, Any
     if failed:
         raise GroupRunsFailed(f"{len(failed)} of the {len(group)} runs of this task failed: " + "; ".join(
             f"{spec.label()} ({spec.id}): {outcome['error']}" for spec, outcome in failed))
+    return outcomes
+
+
+def _train_together(group: list[dict[str, Any]], results: str, options: dict[str, Any],
+                    restarts: int) -> list[dict[str, Any]]:
+    """The runs of one training group in this process, one teacher forward per batch for all
+    (kdbench.worker.run_group_job: each run stored as it ends). When all have ended, raise if
+    any failed, so that SLURM marks the task FAILED."""
+    labels = {RunSpec.from_json(spec_json).id: RunSpec.from_json(spec_json).label() for spec_json in group}
+    store = Store(Path(results))
+
+    def noted(outcome: dict[str, Any]) -> None:
+        if outcome["status"] == "done" and not outcome.get("skipped"):
+            note_restarts(store, outcome["id"], restarts)
+
+    outcomes = run_group_job(group, results, options,
+                             lambda run_id, event: log_epoch(event, labels[run_id]), noted)
+    failed = [outcome for outcome in outcomes if outcome["status"] != "done"]
+    if failed:
+        raise GroupRunsFailed(f"{len(failed)} of the {len(group)} runs of this task failed: " + "; ".join(
+            f"{labels[outcome['id']]} ({outcome['id']}): {outcome['error']}" for outcome in failed))
     return outcomes
 
 
@@ -366,8 +402,10 @@ class SlurmExecutor:
     """Teachers as single jobs, then the students of each teacher as ONE job array that SLURM
     starts only after that teacher's job succeeded (--dependency=afterok, and
     --kill-on-invalid-dep so a failed teacher cancels its students instead of leaving them
-    queued forever). Every task runs ``SlurmTask`` on up to the preset's ``runs_per_task``
-    RunSpecs as JSON (a teacher is always a task of its own); each run keeps its own
+    queued forever). Every task runs ``SlurmTask``: on one training group (the runs of one
+    setting and seed, trained together; unless ``group`` is off, ``--no-group``), or on up to
+    the preset's ``runs_per_task`` RunSpecs as JSON for the runs left alone (a teacher is
+    always a task of its own); each run keeps its own
     SlurmSubmission, with the job id of the task it shares, so following, status and failure
     records stay per run.
 
@@ -377,11 +415,12 @@ class SlurmExecutor:
     run "submitted", and ``kdbench status`` follows up."""
 
     def __init__(self, preset: SlurmPreset, display: ProgressDisplay | None = None,
-                 wait: bool = True, snapshot: bool = False) -> None:
+                 wait: bool = True, snapshot: bool = False, group: bool = True) -> None:
         self.preset = preset
         self.display = display
         self.wait = wait
         self.snapshot = snapshot
+        self.group = group
 
     # ---- submission --------------------------------------------------------------------------
 
@@ -441,15 +480,23 @@ class SlurmExecutor:
         return submitit.helpers.RsyncSnapshot(snapshot_dir=target, root_dir=root, include=untracked)
 
     def _submit(self, specs: list[RunSpec], folder: Path, results: Path, options: dict[str, Any],
-                name: str, after: str | None, runs_per_task: int = 1) -> list[SlurmSubmission]:
-        """Submit the specs in groups of up to ``runs_per_task``, one job (or array task) per
-        group; one SlurmSubmission per run, with its group's job id."""
+                name: str, after: str | None, runs_per_task: int = 1,
+                group: bool = False) -> list[SlurmSubmission]:
+        """Submit the specs, one job (or array task) per task: with ``group``, each training
+        group of two or more runs (kdbench.train.group_key) is one task that trains them
+        together, and the runs left alone go ``runs_per_task`` to a task, as without it (one
+        process each); one SlurmSubmission per run, with its task's job id."""
         executor = self._executor(folder, name, after)
         task = SlurmTask()
-        groups = [specs[start:start + runs_per_task] for start in range(0, len(specs), runs_per_task)]
+        trained_together = [members for members in student_groups(specs, group) if len(members) > 1]
+        together_ids = {spec.id for members in trained_together for spec in members}
+        rest = [spec for spec in specs if spec.id not in together_ids]
+        groups = trained_together + [rest[start:start + runs_per_task]
+                                     for start in range(0, len(rest), runs_per_task)]
         # A group of one is sent as a spec dict, as by kdbench versions before runs_per_task.
-        calls = [group[0].to_json() if len(group) == 1 else [spec.to_json() for spec in group]
-                 for group in groups]
+        calls = [{TRAINING_GROUP: [spec.to_json() for spec in members]} if index < len(trained_together)
+                 else members[0].to_json() if len(members) == 1 else [spec.to_json() for spec in members]
+                 for index, members in enumerate(groups)]
         try:
             # submitit also prints sbatch's complaint to stderr; it is in our one-line error.
             with contextlib.redirect_stderr(io.StringIO()):
@@ -506,7 +553,7 @@ class SlurmExecutor:
                         groups.setdefault(teacher_jobs.get(spec.teacher_spec().id), []).append(spec)
                 for after, group in groups.items():
                     submitted += self._submit(group, folder, results, job_options, "kdbench", after,
-                                              self.preset.runs_per_task)
+                                              self.preset.runs_per_task, self.group)
         except subprocess.CalledProcessError as error:  # git clone / rsync of --snapshot
             cancel([submission.job_id for submission in submitted])
             command = error.cmd if isinstance(error.cmd, str) else " ".join(map(str, error.cmd))
@@ -629,7 +676,7 @@ def source_root() -> Path:
 
 def make_slurm_executor(preset: str = "default", preset_overrides: list[str] | None = None,
                         display: ProgressDisplay | None = None, wait: bool = True,
-                        snapshot: bool = False) -> SlurmExecutor:
+                        snapshot: bool = False, group: bool = True) -> SlurmExecutor:
     """A SlurmExecutor, after checking everything a user can get wrong, before anything is
     submitted."""
     from kdbench.slurm_presets import resolve_preset
@@ -642,4 +689,4 @@ def make_slurm_executor(preset: str = "default", preset_overrides: list[str] | N
         if not submitit.helpers.RsyncSnapshot.available():
             raise UserError("--snapshot needs rsync (e.g. apt-get install rsync)")
         source_root()
-    return SlurmExecutor(slurm_preset, display, wait, snapshot)
+    return SlurmExecutor(slurm_preset, display, wait, snapshot, group)
