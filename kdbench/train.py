@@ -264,10 +264,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def group_key(spec: RunSpec) -> tuple:
     """What the runs of one group share: the setting, the batches (seed, recipe overrides,
-    precision) and the teacher (its seed and checkpoint). Runs with one key see the same
+    precision, the held-out validation split) and the teacher (its seed and checkpoint). Runs with one key see the same
     batches and the same frozen teacher, so one teacher forward per batch serves them all."""
     return (spec.setting, spec.role, spec.seed, spec.precision, spec.teacher_seed,
-            spec.teacher_checkpoint, json.dumps(spec.overrides, sort_keys=True))
+            spec.teacher_checkpoint, json.dumps(spec.overrides, sort_keys=True), spec.held_out)
 
 
 def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
@@ -317,6 +317,7 @@ class TrainingRun:
     # Its device memory, for the split of a group that would not fit the GPU (kdbench.memory).
     parameter_bytes: int
     activation_bytes: int
+    val_stream: BatchStream | None = None  # the held-out validation split's, if any
     # The current stage's state, made when the stage starts (``start_stage``).
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
@@ -445,7 +446,15 @@ def train_group(specs: list[RunSpec], store: Store, options: TrainOptions = Trai
                 else contextlib.nullcontext())
     seed_everything(first.seed)
     # Loaded once and moved to the device once: every run's stream reads the same tensors.
-    dataset = load_dataset(setting.dataset, options.data_dir, setting.train_subset).to(device)
+    dataset = load_dataset(setting.dataset, options.data_dir, setting.train_subset)
+    held_out = None  # the validation split (kdbench/validation.py), when the runs hold one out
+    held_out_set = None
+    if first.held_out is not None:
+        from kdbench import validation
+
+        dataset, held_out_set, held_out = validation.split(dataset, first.held_out)
+        held_out_set = held_out_set.to(device)
+    dataset = dataset.to(device)
     outcomes: dict[str, dict[str, Any] | Exception] = {}
     shared: dict[str, Any] = {"teacher": None}
 
@@ -465,7 +474,7 @@ def train_group(specs: list[RunSpec], store: Store, options: TrainOptions = Trai
             continue
         try:
             run = build_run(spec, setting, recipe, dataset, device, store, options, shared,
-                            lambda event, spec=spec: report_to(spec, event))
+                            lambda event, spec=spec: report_to(spec, event), held_out_set)
         except Exception as error:  # a broken method or config fails its own run only
             fail(spec, error)
             continue
@@ -492,7 +501,7 @@ def train_group(specs: list[RunSpec], store: Store, options: TrainOptions = Trai
     active = [run for run in runs if not run.finished]
     for run in [run for run in runs if run.finished]:  # killed after its last checkpoint
         finish_run(run, setting, dataset, store, device, precision, options, is_teacher, started,
-                   provenance_group, outcomes, finished_with)
+                   provenance_group, outcomes, finished_with, held_out)
     while active:
         leader = min(active, key=lambda run: run.epochs_done)
         position = leader.batch_position()
@@ -532,7 +541,7 @@ def train_group(specs: list[RunSpec], store: Store, options: TrainOptions = Trai
             if run.finished:
                 active.remove(run)
                 finish_run(run, setting, dataset, store, device, precision, options, is_teacher,
-                           started, provenance_group, outcomes, finished_with)
+                           started, provenance_group, outcomes, finished_with, held_out)
     if teacher_taps is not None:
         teacher_taps.remove()
     if later:
@@ -568,7 +577,7 @@ def lockstep_step(cohort: list[TrainingRun], batch: Batch, teacher_forward: nn.M
 
 def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe, dataset,
               device: torch.device, store: Store, options: TrainOptions, shared: dict[str, Any],
-              report: Callable[[dict[str, Any]], None]) -> TrainingRun:
+              report: Callable[[dict[str, Any]], None], held_out_set=None) -> TrainingRun:
     """Build one run as a run alone does, from its own seed: stream, method, student, teacher
     (the group's first one is kept in ``shared`` and serves every run: the others' are loaded
     too, as alone, for the RNG draws their construction makes, and dropped), dry pass, the
@@ -576,6 +585,9 @@ def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe,
     on_cuda = device.type == "cuda"
     is_teacher = spec.role == TEACHER
     seed_everything(spec.seed)
+    # Evaluated as the test split is: its own stream, whose test batches are the split.
+    val_stream = (BatchStream(held_out_set, device, recipe.batch_size, recipe.augmentation, spec.seed)
+                  if held_out_set is not None else None)
     stream = BatchStream(dataset, device, recipe.batch_size, recipe.augmentation, spec.seed)
     method_class = registry.get(spec.method)
     method: Method = method_class(method_class.Config.from_json(spec.config))
@@ -647,7 +659,7 @@ def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe,
         images_seen=checkpoint["images_seen"] if checkpoint else 0,
         kept=kept, log=log, sample=sample, report=report,
         parameter_bytes=parameter_bytes([student, method]),
-        activation_bytes=activations.scaled(len(sample), recipe.batch_size))
+        activation_bytes=activations.scaled(len(sample), recipe.batch_size), val_stream=val_stream)
     skip_finished_stages(run)
     return run
 
@@ -787,6 +799,9 @@ def end_epoch(run: TrainingRun, recipe: settings.Recipe,
         if (run.epoch + 1) % recipe.eval_every == 0 or run.epoch + 1 == epochs:
             top1, top5 = evaluate(run.student_forward, run.stream, autocast, on_cuda)
             entry.update(top1=top1, top5=top5)
+            if run.val_stream is not None:
+                val_top1, val_top5 = evaluate(run.student_forward, run.val_stream, autocast, on_cuda)
+                entry.update(val_top1=val_top1, val_top5=val_top5)
     entry["seconds"] = time.time() - run.epoch_started
     run.trained_seconds += entry["seconds"]
     run.images_seen += seen
@@ -803,11 +818,12 @@ def end_epoch(run: TrainingRun, recipe: settings.Recipe,
 def finish_run(run: TrainingRun, setting: settings.Setting, dataset, store: Store,
                device: torch.device, precision: str, options: TrainOptions, is_teacher: bool,
                started: float, group: dict[str, Any],
-               outcomes: dict[str, dict[str, Any] | Exception], finished_with: RunFinished) -> None:
+               outcomes: dict[str, dict[str, Any] | Exception], finished_with: RunFinished,
+               held_out=None) -> None:
     """Make a finished run's record (or its failure) and hand it on at once."""
     try:
         record = run_record(run, setting, dataset, store, device, precision, options, is_teacher,
-                            started, group)
+                            started, group, held_out)
     except Exception as error:
         run.student_taps.remove()
         run.log.close()
@@ -820,7 +836,7 @@ def finish_run(run: TrainingRun, setting: settings.Setting, dataset, store: Stor
 
 def run_record(run: TrainingRun, setting: settings.Setting, dataset, store: Store,
                device: torch.device, precision: str, options: TrainOptions, is_teacher: bool,
-               started: float, group: dict[str, Any]) -> dict[str, Any]:
+               started: float, group: dict[str, Any], held_out=None) -> dict[str, Any]:
     spec, method, history = run.spec, run.method, run.history
     run.student_taps.remove()
     run.log.close()
@@ -834,8 +850,10 @@ def run_record(run: TrainingRun, setting: settings.Setting, dataset, store: Stor
                     "num_classes": dataset.num_classes, "pretrain_epochs": run.stage_epochs},
         "config": method.config.to_json(),
         "metrics": {"top1_last": main[-1]["top1"], "top5_last": main[-1]["top5"],
-                    "top1_best": best["top1"], "top5_best": best["top5"], "best_epoch": best["epoch"]},
+                    "top1_best": best["top1"], "top5_best": best["top5"], "best_epoch": best["epoch"],
+                    **(validation_metrics(main) if held_out is not None else {})},
         "history": history,
+        **({"validation": held_out.to_json()} if held_out is not None else {}),
         "error": None,
         "wall_seconds": time.time() - started,
         "train_seconds": run.trained_seconds,
@@ -855,6 +873,15 @@ def run_record(run: TrainingRun, setting: settings.Setting, dataset, store: Stor
     record["student_weights"] = run.kept.keep(run.student, main[-1]["epoch"], best["epoch"],
                                               last=record.get("teacher_weights"))
     return record
+
+
+def validation_metrics(main: list[dict[str, Any]]) -> dict[str, Any]:
+    """Validation accuracy at the last epoch and at the best validation epoch, for the
+    record's metrics beside the test accuracy (kdbench/validation.py)."""
+    best = max(main, key=lambda entry: entry["val_top1"])
+    return {"val_top1_last": main[-1]["val_top1"], "val_top5_last": main[-1]["val_top5"],
+            "val_top1_best": best["val_top1"], "val_top5_best": best["val_top5"],
+            "val_best_epoch": best["epoch"]}
 
 
 def configure_kernels(on_cuda: bool, deterministic: bool) -> None:

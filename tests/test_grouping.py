@@ -95,6 +95,19 @@ def test_a_run_in_a_group_is_initialised_from_its_own_seed_whatever_comes_before
     assert comparable(after) == comparable(first)
 
 
+def test_a_group_holding_out_a_validation_split_equals_its_runs_alone(
+        small_setting, results_with_teacher, tmp_path):
+    specs = [dataclasses.replace(student(method), held_out=0.25) for method in ("kd", "fitnet")]
+    alone_store = Store(copy_of(results_with_teacher, tmp_path, "alone"))
+    alone = {spec.id: train(spec, alone_store) for spec in specs}
+    grouped = train_group(specs, Store(results_with_teacher))
+    for spec in specs:
+        record = grouped[spec.id]
+        assert comparable(record) == comparable(alone[spec.id]), spec.method
+        assert record["metrics"]["val_top1_last"] == alone[spec.id]["metrics"]["val_top1_last"]
+        assert record["validation"] == alone[spec.id]["validation"]
+
+
 def counting_teacher_forwards(monkeypatch) -> list[int]:
     """Counts the teacher's forward passes over a training batch (the dry passes use 2 images)."""
     import kdbench.teachers
