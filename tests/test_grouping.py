@@ -253,18 +253,19 @@ def stored(results) -> dict[str, dict]:
             if record["spec"]["role"] == "student"}
 
 
-# slow: 3 runs of 3 epochs, three times (alone, grouped until killed, resumed), ~60 s on 2 cores.
+# slow: 2 runs of 4 epochs, three times (alone, grouped until killed, resumed), ~40 s on 2 idle
+# cores (the kill needs epochs long enough to land inside one).
 @pytest.mark.slow
 def test_run_groups_a_seeds_runs_by_default_and_a_killed_group_resumes_to_the_same_records(
         results_with_teacher, tmp_path):
-    grid = ["run", "--setting", SETTING, "--methods", "kd,fitnet", "--seeds", "1", "--epochs", "3",
+    grid = ["run", "--setting", SETTING, "--methods", "kd", "--seeds", "1", "--epochs", "4",
             "--jobs", "2", "--no-table"]
     alone = copy_of(results_with_teacher, tmp_path, "alone")
     solo = subprocess.run(PYTHON + grid + ["--no-group", "--results", str(alone)], env=ENV,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1200)
     assert solo.returncode == 0, solo.stderr
     expected = stored(alone)
-    assert len(expected) == 3 and all(r["provenance"]["group"]["size"] == 1 for r in expected.values())
+    assert len(expected) == 2 and all(r["provenance"]["group"]["size"] == 1 for r in expected.values())
 
     # Grouped (the default): SIGKILL the launcher and its group's worker once every run of
     # the group has checkpointed an epoch, then the same command again.
@@ -273,7 +274,7 @@ def test_run_groups_a_seeds_runs_by_default_and_a_killed_group_resumes_to_the_sa
     process = subprocess.Popen(PYTHON + grid + ["--results", str(results)], env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
-    deadline = time.time() + 300
+    deadline = time.time() + 900
     while not all(store.checkpoint_path(run_id).exists() for run_id in expected):
         assert process.poll() is None and time.time() < deadline, "ended before every checkpoint"
         time.sleep(0.02)
@@ -282,11 +283,11 @@ def test_run_groups_a_seeds_runs_by_default_and_a_killed_group_resumes_to_the_sa
     process.wait()
     assert not stored(results), "killed too late: a run had finished"
     resumed = subprocess.run(PYTHON + grid + ["--results", str(results)], env=ENV,
-                             capture_output=True, text=True, timeout=600)
+                             capture_output=True, text=True, timeout=1200)
     assert resumed.returncode == 0, resumed.stderr
     got = stored(results)
     assert got.keys() == expected.keys()
     for run_id, record in got.items():
         assert comparable(record) == comparable(expected[run_id]), record["spec"]["method"]
-        assert record["provenance"]["group"] == {"size": 3, "members": sorted(
-            got, key=lambda i: ["vanilla", "kd", "fitnet"].index(got[i]["spec"]["method"]))}
+        assert record["provenance"]["group"] == {"size": 2, "members": sorted(
+            got, key=lambda i: ["vanilla", "kd"].index(got[i]["spec"]["method"]))}
