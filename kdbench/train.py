@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 import kdbench
 from kdbench import registry, settings, sources
-from kdbench.data import BatchStream, load_dataset
+from kdbench.data import BatchStream, Dataset, open_source, stream_of
+from kdbench.errors import UserError
 from kdbench.logs import EpochLog
 from kdbench.memory import ActivationCounter, fits, parameter_bytes
 from kdbench.method import (
@@ -83,6 +84,9 @@ class TrainOptions:
     deterministic: bool = False
     data_dir: Path | None = None
     threads: int | None = None  # CPU threads for this run (several runs share a machine)
+    # DataLoader worker processes of an ImageFolder dataset (kdbench/imagefolder.py); None: one
+    # per core, at most 8. Its batches do not depend on it. In-memory datasets use none.
+    loader_workers: int | None = None
     # What the run keeps besides its record (kdbench.students, kdbench.logs): options of the
     # command, not of the run, since they change what is stored, never what is computed.
     keep: str = KEEP_LAST  # "last": the final student; "best": also the best epoch's
@@ -267,7 +271,8 @@ def group_key(spec: RunSpec) -> tuple:
     precision, the held-out validation split) and the teacher (its seed and checkpoint). Runs with one key see the same
     batches and the same frozen teacher, so one teacher forward per batch serves them all."""
     return (spec.setting, spec.role, spec.seed, spec.precision, spec.teacher_seed,
-            spec.teacher_checkpoint, json.dumps(spec.overrides, sort_keys=True), spec.held_out)
+            spec.teacher_checkpoint, json.dumps(spec.overrides, sort_keys=True), spec.held_out,
+            spec.setting_sha256)
 
 
 def train(spec: RunSpec, store: Store, options: TrainOptions = TrainOptions(),
@@ -430,7 +435,7 @@ def train_group(specs: list[RunSpec], store: Store, options: TrainOptions = Trai
     started = time.time()
     # ---- setup (shared) --------------------------------------------------------------------
     first = specs[0]
-    setting = settings.get(first.setting)
+    setting = settings.for_spec(first)
     is_teacher = first.role == TEACHER
     base_recipe = setting.teacher_recipe if is_teacher else setting.recipe
     recipe = base_recipe.with_overrides(first.overrides)
@@ -445,16 +450,22 @@ def train_group(specs: list[RunSpec], store: Store, options: TrainOptions = Trai
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     seed_everything(first.seed)
-    # Loaded once and moved to the device once: every run's stream reads the same tensors.
-    dataset = load_dataset(setting.dataset, options.data_dir, setting.train_subset)
+    # Opened once (in-memory data moved to the device once): every run's stream reads it. The
+    # stream also says the data's classes, channels and training-set size and labels.
+    source = open_source(setting.dataset, setting.dataset_options, setting.train_subset,
+                         options.data_dir)
     held_out = None  # the validation split (kdbench/validation.py), when the runs hold one out
     held_out_set = None
     if first.held_out is not None:
         from kdbench import validation
 
-        dataset, held_out_set, held_out = validation.split(dataset, first.held_out)
+        if not isinstance(source, Dataset):
+            raise UserError(f"a validation split (--select-on val) is taken from in-memory data; "
+                            f"{setting.dataset} is read from files (an ImageFolder)")
+        source, held_out_set, held_out = validation.split(source, first.held_out)
         held_out_set = held_out_set.to(device)
-    dataset = dataset.to(device)
+    if isinstance(source, Dataset):
+        source = source.to(device)
     outcomes: dict[str, dict[str, Any] | Exception] = {}
     shared: dict[str, Any] = {"teacher": None}
 
@@ -473,7 +484,7 @@ def train_group(specs: list[RunSpec], store: Store, options: TrainOptions = Trai
             later.append(spec)
             continue
         try:
-            run = build_run(spec, setting, recipe, dataset, device, store, options, shared,
+            run = build_run(spec, setting, recipe, source, device, store, options, shared,
                             lambda event, spec=spec: report_to(spec, event), held_out_set)
         except Exception as error:  # a broken method or config fails its own run only
             fail(spec, error)
@@ -500,7 +511,7 @@ def train_group(specs: list[RunSpec], store: Store, options: TrainOptions = Trai
     # ---- epochs ------------------------------------------------------------------------------
     active = [run for run in runs if not run.finished]
     for run in [run for run in runs if run.finished]:  # killed after its last checkpoint
-        finish_run(run, setting, dataset, store, device, precision, options, is_teacher, started,
+        finish_run(run, setting, store, device, precision, options, is_teacher, started,
                    provenance_group, outcomes, finished_with, held_out)
     while active:
         leader = min(active, key=lambda run: run.epochs_done)
@@ -540,7 +551,7 @@ def train_group(specs: list[RunSpec], store: Store, options: TrainOptions = Trai
                 continue
             if run.finished:
                 active.remove(run)
-                finish_run(run, setting, dataset, store, device, precision, options, is_teacher,
+                finish_run(run, setting, store, device, precision, options, is_teacher,
                            started, provenance_group, outcomes, finished_with, held_out)
     if teacher_taps is not None:
         teacher_taps.remove()
@@ -575,7 +586,7 @@ def lockstep_step(cohort: list[TrainingRun], batch: Batch, teacher_forward: nn.M
     return failed
 
 
-def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe, dataset,
+def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe, source,
               device: torch.device, store: Store, options: TrainOptions, shared: dict[str, Any],
               report: Callable[[dict[str, Any]], None], held_out_set=None) -> TrainingRun:
     """Build one run as a run alone does, from its own seed: stream, method, student, teacher
@@ -588,16 +599,17 @@ def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe,
     # Evaluated as the test split is: its own stream, whose test batches are the split.
     val_stream = (BatchStream(held_out_set, device, recipe.batch_size, recipe.augmentation, spec.seed)
                   if held_out_set is not None else None)
-    stream = BatchStream(dataset, device, recipe.batch_size, recipe.augmentation, spec.seed)
+    stream = stream_of(source, device, recipe.batch_size, recipe.augmentation, spec.seed,
+                       options.loader_workers)
     method_class = registry.get(spec.method)
     method: Method = method_class(method_class.Config.from_json(spec.config))
     arch = setting.teacher if is_teacher else setting.student
-    student = build_model(arch, dataset.num_classes, dataset.in_channels).to(device)
+    student = build_model(arch, stream.num_classes, stream.in_channels).to(device)
     teacher: nn.Module | None = None
     if method.uses_teacher and not is_teacher:
         from kdbench.teachers import load_teacher  # teachers.py imports train.py
 
-        loaded = load_teacher(spec.teacher_spec(), setting, dataset, store)
+        loaded = load_teacher(spec.teacher_spec(), setting, stream, store)
         if shared["teacher"] is None:
             loaded = loaded.to(device)
             loaded.eval().requires_grad_(False)
@@ -608,7 +620,7 @@ def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe,
     if on_cuda:
         student = student.to(memory_format=torch.channels_last)
     student_taps = FeatureTaps(student, method.student_taps)
-    sample = stream.normalise(dataset.test_images[:2].to(device))
+    sample = stream.sample(2)
     with torch.no_grad(), ActivationCounter(student) as activations:
         student.eval()
         student_shapes = shapes_of(student_taps.pop(student(sample)), student)
@@ -619,9 +631,9 @@ def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe,
             dry_taps = FeatureTaps(teacher, method.teacher_taps)
             teacher_shapes = shapes_of(dry_taps.pop(teacher(sample)), teacher)
             dry_taps.remove()
-    method.build(student_shapes, teacher_shapes, dataset.num_train)
+    method.build(student_shapes, teacher_shapes, stream.num_train)
     method.to(device)
-    method.observe_training_set(dataset.train_labels.to(device))
+    method.observe_training_set(stream.train_labels.to(device))
     student_forward = torch.compile(student) if options.compile else student
 
     stages: list[PretrainStage] = [] if is_teacher else method.pretrain_stages()
@@ -661,6 +673,10 @@ def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe,
         parameter_bytes=parameter_bytes([student, method]),
         activation_bytes=activations.scaled(len(sample), recipe.batch_size), val_stream=val_stream)
     skip_finished_stages(run)
+    # What progress displays count (kdbench.progress): every stage's epochs, and how many of
+    # them the checkpoint had done (a resumed run).
+    report({"event": "start", "schedule": schedule, "epochs": sum(epochs for _, epochs in schedule),
+            "done": len(history)})
     return run
 
 
@@ -815,14 +831,14 @@ def end_epoch(run: TrainingRun, recipe: settings.Recipe,
         advance_stage(run)
 
 
-def finish_run(run: TrainingRun, setting: settings.Setting, dataset, store: Store,
+def finish_run(run: TrainingRun, setting: settings.Setting, store: Store,
                device: torch.device, precision: str, options: TrainOptions, is_teacher: bool,
                started: float, group: dict[str, Any],
                outcomes: dict[str, dict[str, Any] | Exception], finished_with: RunFinished,
                held_out=None) -> None:
     """Make a finished run's record (or its failure) and hand it on at once."""
     try:
-        record = run_record(run, setting, dataset, store, device, precision, options, is_teacher,
+        record = run_record(run, setting, store, device, precision, options, is_teacher,
                             started, group, held_out)
     except Exception as error:
         run.student_taps.remove()
@@ -834,7 +850,7 @@ def finish_run(run: TrainingRun, setting: settings.Setting, dataset, store: Stor
     finished_with(run.spec, record)
 
 
-def run_record(run: TrainingRun, setting: settings.Setting, dataset, store: Store,
+def run_record(run: TrainingRun, setting: settings.Setting, store: Store,
                device: torch.device, precision: str, options: TrainOptions, is_teacher: bool,
                started: float, group: dict[str, Any], held_out=None) -> dict[str, Any]:
     spec, method, history = run.spec, run.method, run.history
@@ -847,7 +863,8 @@ def run_record(run: TrainingRun, setting: settings.Setting, dataset, store: Stor
         "status": "done",
         "spec": spec.to_json(),
         "setting": {**setting.to_json(), "recipe": {**setting.to_json()["teacher_recipe" if is_teacher else "recipe"], **spec.overrides},
-                    "num_classes": dataset.num_classes, "pretrain_epochs": run.stage_epochs},
+                    "num_classes": run.stream.num_classes, "in_channels": run.stream.in_channels,
+                    "pretrain_epochs": run.stage_epochs},
         "config": method.config.to_json(),
         "metrics": {"top1_last": main[-1]["top1"], "top5_last": main[-1]["top5"],
                     "top1_best": best["top1"], "top5_best": best["top5"], "best_epoch": best["epoch"],

@@ -188,7 +188,8 @@ def run_group_job(spec_jsons: list[dict[str, Any]], results: str,
             else:
                 store.write(outcome)
                 store.checkpoint_path(spec.id).unlink(missing_ok=True)  # the record is the result now
-                tell(spec, {"id": spec.id, "status": "done", "error": None})
+                tell(spec, {"id": spec.id, "status": "done", "error": None,
+                            "top1": (outcome.get("metrics") or {}).get("top1_last")})  # for the progress display
             running_marker(store, spec.id).unlink(missing_ok=True)
 
         try:

@@ -16,7 +16,7 @@ from kdbench import registry, settings
 from kdbench.spec import RunSpec
 from kdbench.store import Store
 from kdbench.train import train, train_group
-from kdbench.worker import run_group_job
+from kdbench.worker import run_group_job, run_job
 
 SETTING = "synthetic/tiny"
 
@@ -32,16 +32,22 @@ def built_ins() -> list[str]:
 
 
 def student(method: str, seed: int = 1, **overrides) -> RunSpec:
-    return RunSpec(SETTING, method, seed, overrides={"epochs": 1, **overrides})
+    return RunSpec(SETTING, method, seed, overrides={"epochs": 1, **overrides},
+                   **settings.get(SETTING).spec_fields())
 
 
 @pytest.fixture
-def small_setting(monkeypatch):
-    """synthetic/tiny on 192 of its training images (3 steps an epoch): every built-in trains
-    twice (alone and grouped) in seconds. Its teacher is the session's (a teacher's weights do
-    not depend on the students' subset)."""
+def small_results(monkeypatch, tmp_path):
+    """A results directory with the teacher of synthetic/tiny on 192 of its training images (3
+    steps an epoch; trained here in seconds): every built-in trains twice (alone and grouped)
+    in seconds. The setting's content is part of the run ids, so its runs and teacher are
+    other runs than the full setting's."""
     tiny = settings.SETTINGS[SETTING]
     monkeypatch.setitem(settings.SETTINGS, SETTING, dataclasses.replace(tiny, train_subset=192))
+    results = tmp_path / "small-results"
+    teacher = RunSpec(SETTING, "vanilla", 0, "teacher", **settings.get(SETTING).spec_fields())
+    assert run_job(teacher.to_json(), str(results))["status"] == "done"
+    return results
 
 
 def comparable(record: dict) -> dict:
@@ -65,15 +71,15 @@ def copy_of(results, tmp_path, name):
 # slow: every built-in (22 with a composition) trains twice, alone and grouped, ~90 s on 2 cores.
 @pytest.mark.slow
 def test_every_built_in_trained_in_one_group_equals_it_trained_alone(
-        small_setting, results_with_teacher, tmp_path):
+        small_results, tmp_path):
     methods = built_ins() + ["crd+kd"]
     assert {"vanilla", "kd", "fitnet", "mhgd", "crd", "ab"} <= set(methods)
     # One epoch: the pre-training stages (FitNets, MHGD, AB, FT, FSP) run their stage epoch in
     # the cohort of the others' main epoch (the same batches), then their main epoch apart.
     specs = [student(method) for method in methods]
-    alone_store = Store(copy_of(results_with_teacher, tmp_path, "alone"))
+    alone_store = Store(copy_of(small_results, tmp_path, "alone"))
     alone = {spec.id: train(spec, alone_store) for spec in specs}
-    grouped = train_group(specs, Store(results_with_teacher))
+    grouped = train_group(specs, Store(small_results))
     failed = {spec.method: outcome for spec in specs
               if isinstance(outcome := grouped[spec.id], Exception)}
     assert not failed, failed
@@ -86,21 +92,21 @@ def test_every_built_in_trained_in_one_group_equals_it_trained_alone(
 
 
 def test_a_run_in_a_group_is_initialised_from_its_own_seed_whatever_comes_before(
-        small_setting, results_with_teacher, tmp_path):
+        small_results, tmp_path):
     # The same run after another run that draws from the global RNG at build and every step
     # (CRD: projection heads, negative sampling), or first: the same numbers.
     target = student("kd")
-    after = train_group([student("crd"), target], Store(results_with_teacher))[target.id]
-    first = train_group([target], Store(copy_of(results_with_teacher, tmp_path, "b")))[target.id]
+    after = train_group([student("crd"), target], Store(small_results))[target.id]
+    first = train_group([target], Store(copy_of(small_results, tmp_path, "b")))[target.id]
     assert comparable(after) == comparable(first)
 
 
 def test_a_group_holding_out_a_validation_split_equals_its_runs_alone(
-        small_setting, results_with_teacher, tmp_path):
+        small_results, tmp_path):
     specs = [dataclasses.replace(student(method), held_out=0.25) for method in ("kd", "fitnet")]
-    alone_store = Store(copy_of(results_with_teacher, tmp_path, "alone"))
+    alone_store = Store(copy_of(small_results, tmp_path, "alone"))
     alone = {spec.id: train(spec, alone_store) for spec in specs}
-    grouped = train_group(specs, Store(results_with_teacher))
+    grouped = train_group(specs, Store(small_results))
     for spec in specs:
         record = grouped[spec.id]
         assert comparable(record) == comparable(alone[spec.id]), spec.method
@@ -125,20 +131,20 @@ def counting_teacher_forwards(monkeypatch) -> list[int]:
     return batches
 
 
-def test_a_group_makes_one_teacher_forward_per_batch(small_setting, results_with_teacher, monkeypatch):
+def test_a_group_makes_one_teacher_forward_per_batch(small_results, monkeypatch):
     batches = counting_teacher_forwards(monkeypatch)
     specs = [student("kd"), student("at"), student("vanilla")]
-    outcomes = train_group(specs, Store(results_with_teacher))
+    outcomes = train_group(specs, Store(small_results))
     assert all(outcome["status"] == "done" for outcome in outcomes.values())
     assert len(batches) == 3  # one epoch of 3 batches, shared by kd and at (vanilla needs none)
 
 
 def test_runs_resumed_at_different_epochs_catch_up_apart_then_rejoin(
-        small_setting, results_with_teacher, tmp_path, monkeypatch):
+        small_results, tmp_path, monkeypatch):
     ahead, behind = student("kd", epochs=3), student("rkd", epochs=3)
-    alone_store = Store(copy_of(results_with_teacher, tmp_path, "alone"))
+    alone_store = Store(copy_of(small_results, tmp_path, "alone"))
     alone = {spec.id: train(spec, alone_store) for spec in (ahead, behind)}
-    store = Store(results_with_teacher)
+    store = Store(small_results)
 
     def stop_after_epoch(event):
         if event["event"] == "epoch" and event["epoch"] == 2:
@@ -184,15 +190,15 @@ def failing_methods(monkeypatch):
 
 
 def test_a_run_that_fails_leaves_the_group_and_the_others_go_on(
-        small_setting, failing_methods, results_with_teacher, tmp_path):
+        failing_methods, small_results, tmp_path):
     good = [student("kd", epochs=2), student("fitnet", epochs=2)]
     bad = [student("failing", epochs=2), student("nonfinite", epochs=2)]
-    alone_store = Store(copy_of(results_with_teacher, tmp_path, "alone"))
+    alone_store = Store(copy_of(small_results, tmp_path, "alone"))
     alone = {spec.id: train(spec, alone_store) for spec in good}
-    store = Store(results_with_teacher)
+    store = Store(small_results)
     outcomes = {outcome["id"]: outcome
                 for outcome in run_group_job([spec.to_json() for spec in [good[0], *bad, good[1]]],
-                                             str(results_with_teacher))}
+                                             str(small_results))}
     assert outcomes[bad[0].id]["status"] == "failed" and "boom at step 2" in outcomes[bad[0].id]["error"]
     assert outcomes[bad[1].id]["status"] == "failed"
     assert outcomes[bad[1].id]["error"].startswith("NonFiniteLoss: loss became non-finite in stage 'main', epoch 1, step 2")
@@ -206,12 +212,12 @@ def test_a_run_that_fails_leaves_the_group_and_the_others_go_on(
 
 
 def test_a_group_of_runs_stored_already_trains_only_what_is_missing(
-        small_setting, results_with_teacher):
+        small_results):
     done, missing = student("kd"), student("at")
-    store = Store(results_with_teacher)
-    assert run_group_job([done.to_json()], str(results_with_teacher))[0]["status"] == "done"
+    store = Store(small_results)
+    assert run_group_job([done.to_json()], str(small_results))[0]["status"] == "done"
     before = store.record_path(done.id).stat().st_mtime_ns
-    outcomes = run_group_job([done.to_json(), missing.to_json()], str(results_with_teacher))
+    outcomes = run_group_job([done.to_json(), missing.to_json()], str(small_results))
     assert outcomes[0].get("skipped") and outcomes[1]["status"] == "done"
     assert store.record_path(done.id).stat().st_mtime_ns == before
 
