@@ -49,6 +49,10 @@ def record_death(spec: RunSpec, store: Store, cause: str) -> dict[str, Any]:
 
     with try_claim(store, spec.id) as free:
         if free and stored_already(spec, store):
+            # Killed between its record and its clean-up (run_job): finish that here, as no
+            # later launch takes up a stored run to do it.
+            store.checkpoint_path(spec.id).unlink(missing_ok=True)
+            running_marker(store, spec.id).unlink(missing_ok=True)
             return {"id": spec.id, "status": "done", "error": None}
         if free:
             store.write(failed_record(spec, WorkerDied(cause)))
