@@ -214,6 +214,28 @@ def test_a_worker_killed_like_the_oom_killer_fails_only_its_run(results_with_tea
     assert store.checkpoint_path(victim).exists()
 
 
+def test_a_worker_killed_after_storing_its_record_leaves_no_checkpoint_or_marker(results_with_teacher):
+    """SIGKILL between a run's record and its clean-up (kdbench.worker.run_job removes the
+    checkpoint, then the running marker): the launcher finds the run stored and must finish the
+    clean-up, since no later launch takes a stored run up again to do it. The files are planted
+    as the kill leaves them: no kill can be timed into that window."""
+    from kdbench.grid import running_marker
+    from kdbench.worker import record_death
+
+    store = Store(results_with_teacher)
+    teacher = RunSpec("synthetic/tiny", "vanilla", 0).teacher_spec()
+    assert store.is_done(teacher.id)
+    checkpoint, marker = store.checkpoint_path(teacher.id), running_marker(store, teacher.id)
+    for path, text in ((checkpoint, b"its last epoch"), (marker, b"host 12345\n")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text)
+    record = store.record_path(teacher.id).read_bytes()
+    outcome = record_death(teacher, store, "worker process killed by SIGKILL")
+    assert outcome["status"] == "done"
+    assert not checkpoint.exists() and not marker.exists()
+    assert store.record_path(teacher.id).read_bytes() == record
+
+
 # --- 8. concurrent launches --------------------------------------------------------------------
 
 def test_three_launches_at_once_train_every_run_once(results_with_teacher):
