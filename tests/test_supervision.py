@@ -252,5 +252,6 @@ def test_three_launches_at_once_train_every_run_once(results_with_teacher):
     assert len(finished) == 6, finished  # each launch accounts for both runs...
     trained = [line for line in finished if "trained by another launch" not in line]
     assert sorted(line.split("]", 1)[1].split(":")[0] for line in trained) == [
-        " synthetic/tiny vanilla seed 0", " synthetic/tiny vanilla seed 1"], finished  # ...once
+        " synthetic/tiny vanilla seed 0 [epochs=3]", " synthetic/tiny vanilla seed 1 [epochs=3]"
+    ], finished  # ...once (the label names the run's recipe override)
     assert all(r["status"] == "done" for r in records(results_with_teacher).values())
