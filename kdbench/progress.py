@@ -121,7 +121,7 @@ def main_epochs(spec: RunSpec) -> int:
     """The epochs of the run's main stage, from its setting's recipe and the run's overrides."""
     from kdbench import settings
 
-    setting = settings.get(spec.setting)
+    setting = settings.for_spec(spec)  # a user's setting file travels in the spec
     recipe = setting.teacher_recipe if spec.role == TEACHER else setting.recipe
     return recipe.with_overrides(spec.overrides).epochs
 

@@ -22,6 +22,7 @@ from kdbench.grid import running_marker
 from kdbench.claims import try_claim
 from kdbench.spec import TEACHER, RunSpec
 from kdbench.store import Store, write_atomically
+from kdbench.students import student_path
 from kdbench.train import ProgressCallback, TrainOptions, group_key, train, train_group
 
 
@@ -49,6 +50,10 @@ def record_death(spec: RunSpec, store: Store, cause: str) -> dict[str, Any]:
 
     with try_claim(store, spec.id) as free:
         if free and stored_already(spec, store):
+            # Killed between its record and its clean-up (run_job): finish that here, as no
+            # later launch takes up a stored run to do it.
+            store.checkpoint_path(spec.id).unlink(missing_ok=True)
+            running_marker(store, spec.id).unlink(missing_ok=True)
             return {"id": spec.id, "status": "done", "error": None}
         if free:
             store.write(failed_record(spec, WorkerDied(cause)))
@@ -59,11 +64,12 @@ def record_death(spec: RunSpec, store: Store, cause: str) -> dict[str, Any]:
 def remove_leftovers(store: Store, run_id: str) -> None:
     """The temporary files of writes that a kill interrupted (write_atomically's mkstemp names
     them ``.<file name>.<random>.tmp``). Only the holder of the run's claim writes its files, so
-    under the claim every such file of this run is a leftover."""
-    for folder, name in ((store.checkpoints_dir, store.checkpoint_path(run_id).name),
-                         (store.runs_dir, store.record_path(run_id).name),
-                         (store.teachers_dir, store.teacher_path(run_id).name)):
-        for leftover in folder.glob(f".{name}.*.tmp"):
+    under the claim every such file of this run is a leftover. Every file of a run is named
+    ``<run id>.<suffix>`` (record, per-epoch CSV, checkpoint, teacher weights, kept students
+    and their .best, running marker), so one pattern per folder finds them all."""
+    for folder in (store.checkpoints_dir, store.runs_dir, store.teachers_dir,
+                   student_path(store, run_id).parent, running_marker(store, run_id).parent):
+        for leftover in folder.glob(f".{run_id}.*.tmp"):
             leftover.unlink(missing_ok=True)
 
 

@@ -39,7 +39,7 @@ from kdbench.store import Store
 from kdbench.taps import FeatureTaps, as_float32
 from kdbench.train import TrainOptions, shapes_of, train
 
-from conftest import subset_of_tiny
+from tiny_subset import subset_of_tiny
 
 CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the fast path's GPU promises)")
@@ -89,7 +89,7 @@ def copy_results(source: Path, target: Path) -> Path:
 @pytest.fixture
 def small_tiny(monkeypatch, results_with_teacher):
     """synthetic/tiny with a 128-image training subset (the session's teacher serving it, a
-    test shortcut: conftest.subset_of_tiny); the subset setting's spec fields."""
+    test shortcut: tiny_subset.subset_of_tiny); the subset setting's spec fields."""
     return subset_of_tiny(monkeypatch, results_with_teacher, SUBSET)
 
 

@@ -209,8 +209,9 @@ def test_a_users_imagefolder_setting_trains_end_to_end(images: Path, tmp_path: P
     results = tmp_path / "results"
     code = main(["run", "--methods", "kd,at", "--setting", str(path), "--seeds", "1",
                  "--executor", "inprocess", "--loader-workers", "1", "--results", str(results)])
-    out = capsys.readouterr().out
-    assert code == 0, out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert code == 0, out + captured.err
     records = [json.loads(p.read_text()) for p in sorted((results / "runs").glob("*.json"))]
     by_method = {(r["spec"]["role"], r["spec"]["method"]): r for r in records}
     assert set(by_method) == {("teacher", "vanilla"), ("student", "vanilla"), ("student", "kd"),

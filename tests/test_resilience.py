@@ -301,14 +301,23 @@ def test_a_checkpoint_missing_keys_is_ignored_with_a_warning(results_with_teache
 def test_temporary_files_left_by_a_killed_write_are_cleaned_up(results_with_teacher):
     store = Store(results_with_teacher)
     spec = RunSpec("synthetic/tiny", "vanilla", 0)
-    # What write_atomically's mkstemp leaves when the process dies between write and rename.
+    # What write_atomically's mkstemp leaves when the process dies between write and rename,
+    # for every file a run writes: checkpoint, record, per-epoch CSV, kept students (last and
+    # best) and running marker (only the first two were removed before).
     leftovers = [store.checkpoints_dir / f".{spec.id}.pt.k1ll3d0.tmp",
-                 store.runs_dir / f".{spec.id}.json.k1ll3d0.tmp"]
-    for path in leftovers:
+                 store.runs_dir / f".{spec.id}.json.k1ll3d0.tmp",
+                 store.runs_dir / f".{spec.id}.csv.k1ll3d0.tmp",
+                 store.root / "students" / f".{spec.id}.pt.k1ll3d0.tmp",
+                 store.root / "students" / f".{spec.id}.best.pt.k1ll3d0.tmp",
+                 store.root / "running" / f".{spec.id}.json.k1ll3d0.tmp"]
+    # Another run's half file is not this run's to remove: its own claim holder may be writing it.
+    other = store.runs_dir / f".{RunSpec('synthetic/tiny', 'vanilla', 1).id}.csv.k1ll3d0.tmp"
+    for path in [*leftovers, other]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half a file")
     assert main([*VANILLA_RUN, "--results", str(results_with_teacher), "--no-table"]) == 0
-    assert not [path for path in leftovers if path.exists()]
+    assert [path for path in leftovers if path.exists()] == []
+    assert other.exists()
     assert store.read(spec.id)["status"] == "done"
 
 

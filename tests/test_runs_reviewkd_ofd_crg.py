@@ -12,7 +12,7 @@ from kdbench.spec import RunSpec
 from kdbench.store import Store
 from kdbench.train import train
 
-from conftest import subset_of_tiny
+from tiny_subset import subset_of_tiny
 
 SETTING = "synthetic/tiny"
 SUBSET = 256

@@ -53,7 +53,7 @@ class RuleOnly(MHGD):
     """MHGD's gradient rule with a trivial transfer term (no decomposition, no graphs)."""
 
     def loss(self, s, t, batch, progress):
-        return {TRANSFER: torch.stack([feature.square().mean() for feature in s.stages]).sum()}
+        return {TRANSFER: torch.stack([feature.square().mean() for feature in s.postact_stages]).sum()}
 
 
 def training_step(method_class: type[Method], batch_size: int) -> Callable[[], dict[str, Tensor]]:
