@@ -130,6 +130,10 @@ def build_parser() -> ArgumentParser:
                      help="one run per process; by default the runs of one setting and seed train "
                           "together, one teacher forward per batch for all of them, with records "
                           "identical to runs trained alone (local and slurm executors)")
+    run.add_argument("--group-size", type=positive_int, metavar="N",
+                     help="at most N runs train together; a larger group goes in chunks of N. A "
+                          "group's runs finish together, so smaller groups store records sooner "
+                          "(for a machine lent a few hours at a time); records are the same")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     run.add_argument("--compile", action="store_true", help="torch.compile the networks")
     run.add_argument("--loader-workers", type=int, metavar="N",
@@ -552,13 +556,15 @@ def launch_grid(args: argparse.Namespace, teachers, students, chosen) -> list:
     elif not on_gpu and args.executor != "slurm":
         from kdbench.estimate import cpu_cost_warning
 
-        warning = cpu_cost_warning(teachers, students, chosen, jobs, args.data_dir)
+        warning = cpu_cost_warning(teachers, students, chosen, jobs, args.data_dir,
+                                   not args.no_group, args.group_size)
         if warning:
             print(warning, file=sys.stderr, flush=True)
     display = ProgressDisplay(teachers + students, jobs=jobs, records=records, device=device)
     executor = make_executor(args.executor, jobs=jobs, display=display, preset=args.slurm,
                              preset_overrides=slurm_overrides(args), wait=not args.no_wait,
-                             snapshot=args.snapshot, group=not args.no_group)
+                             snapshot=args.snapshot, group=not args.no_group,
+                             group_size=args.group_size)
     try:
         return executor.run(teachers, students, args.results, options)
     finally:

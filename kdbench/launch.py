@@ -142,10 +142,14 @@ def _worker_main(spec_jsons: list[dict], results: str, options: dict, sender, la
         sys.exit(interrupt.exit_code)
 
 
-def student_groups(students: list[RunSpec], group: bool = True) -> list[list[RunSpec]]:
+def student_groups(students: list[RunSpec], group: bool = True,
+                   group_size: int | None = None) -> list[list[RunSpec]]:
     """The students as the groups that train together (kdbench.train.group_key: one setting,
     seed, precision, recipe and teacher), in the order their first runs come; with
-    ``group=False`` one run per group (``--no-group``)."""
+    ``group=False`` one run per group (``--no-group``). ``group_size`` (``--group-size``) caps
+    a group: the runs of a larger one go in consecutive chunks of at most that many. Runs of a
+    group finish together (lockstep), so smaller groups store their records sooner, which is
+    what a machine lent for a few hours at a time needs; each run's record is the same."""
     from kdbench.train import group_key
 
     if not group:
@@ -153,7 +157,9 @@ def student_groups(students: list[RunSpec], group: bool = True) -> list[list[Run
     groups: dict[tuple, list[RunSpec]] = {}
     for spec in students:
         groups.setdefault(group_key(spec), []).append(spec)
-    return list(groups.values())
+    size = group_size or max((len(members) for members in groups.values()), default=1)
+    return [members[start:start + size] for members in groups.values()
+            for start in range(0, len(members), size)]
 
 
 @dataclass
@@ -189,17 +195,19 @@ class LocalExecutor:
 
     STOP_GRACE_S = 10.0
 
-    def __init__(self, jobs: int = 1, display: ProgressDisplay | None = None, group: bool = True) -> None:
+    def __init__(self, jobs: int = 1, display: ProgressDisplay | None = None, group: bool = True,
+                 group_size: int | None = None) -> None:
         self.jobs = max(1, jobs)
         self.display = display
         self.group = group
+        self.group_size = group_size
 
     def run(self, teachers: list[RunSpec], students: list[RunSpec], results: Path,
             options: TrainOptions) -> list[Result]:
         store = Store(Path(results))
         payload = options_json(self._with_threads(options))
         context = multiprocessing.get_context("spawn")
-        queue = [[spec] for spec in teachers] + student_groups(list(students), self.group)
+        queue = [[spec] for spec in teachers] + student_groups(list(students), self.group, self.group_size)
         teacher_ids = {spec.id for spec in teachers}
         teacher_outcomes: dict[str, dict[str, Any]] = {}
         outcomes: list[Result] = []
@@ -352,11 +360,12 @@ EXECUTORS = ("local", "inprocess", "slurm")
 
 def make_executor(name: str, jobs: int = 1, display: ProgressDisplay | None = None,
                   preset: str = "default", preset_overrides: list[str] | None = None,
-                  wait: bool = True, snapshot: bool = False, group: bool = True) -> Executor:
+                  wait: bool = True, snapshot: bool = False, group: bool = True,
+                  group_size: int | None = None) -> Executor:
     if name == "inprocess":
         return InProcessExecutor(display)
     if name == "local":
-        return LocalExecutor(jobs, display, group)
+        return LocalExecutor(jobs, display, group, group_size)
     if name == "slurm":
         try:
             from kdbench.slurm import make_slurm_executor
@@ -365,7 +374,7 @@ def make_executor(name: str, jobs: int = 1, display: ProgressDisplay | None = No
                 raise
             raise UserError("--executor slurm needs submitit, which is not installed here "
                             "(pip install submitit)") from None
-        return make_slurm_executor(preset, preset_overrides, display, wait, snapshot, group)
+        return make_slurm_executor(preset, preset_overrides, display, wait, snapshot, group, group_size)
     raise ValueError(name)
 
 

@@ -415,12 +415,14 @@ class SlurmExecutor:
     run "submitted", and ``kdbench status`` follows up."""
 
     def __init__(self, preset: SlurmPreset, display: ProgressDisplay | None = None,
-                 wait: bool = True, snapshot: bool = False, group: bool = True) -> None:
+                 wait: bool = True, snapshot: bool = False, group: bool = True,
+                 group_size: int | None = None) -> None:
         self.preset = preset
         self.display = display
         self.wait = wait
         self.snapshot = snapshot
         self.group = group
+        self.group_size = group_size
 
     # ---- submission --------------------------------------------------------------------------
 
@@ -488,7 +490,7 @@ class SlurmExecutor:
         process each); one SlurmSubmission per run, with its task's job id."""
         executor = self._executor(folder, name, after)
         task = SlurmTask()
-        trained_together = [members for members in student_groups(specs, group) if len(members) > 1]
+        trained_together = [members for members in student_groups(specs, group, self.group_size) if len(members) > 1]
         together_ids = {spec.id for members in trained_together for spec in members}
         rest = [spec for spec in specs if spec.id not in together_ids]
         groups = trained_together + [rest[start:start + runs_per_task]
@@ -676,7 +678,8 @@ def source_root() -> Path:
 
 def make_slurm_executor(preset: str = "default", preset_overrides: list[str] | None = None,
                         display: ProgressDisplay | None = None, wait: bool = True,
-                        snapshot: bool = False, group: bool = True) -> SlurmExecutor:
+                        snapshot: bool = False, group: bool = True,
+                        group_size: int | None = None) -> SlurmExecutor:
     """A SlurmExecutor, after checking everything a user can get wrong, before anything is
     submitted."""
     from kdbench.slurm_presets import resolve_preset
@@ -689,4 +692,4 @@ def make_slurm_executor(preset: str = "default", preset_overrides: list[str] | N
         if not submitit.helpers.RsyncSnapshot.available():
             raise UserError("--snapshot needs rsync (e.g. apt-get install rsync)")
         source_root()
-    return SlurmExecutor(slurm_preset, display, wait, snapshot, group)
+    return SlurmExecutor(slurm_preset, display, wait, snapshot, group, group_size)

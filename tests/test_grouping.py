@@ -297,3 +297,17 @@ def test_run_groups_a_seeds_runs_by_default_and_a_killed_group_resumes_to_the_sa
         assert comparable(record) == comparable(expected[run_id]), record["spec"]["method"]
         assert record["provenance"]["group"] == {"size": 2, "members": sorted(
             got, key=lambda i: ["vanilla", "kd"].index(got[i]["spec"]["method"]))}
+
+
+def test_group_size_cuts_each_group_into_chunks_in_order_and_no_group_gives_one_run_each():
+    from kdbench.launch import student_groups
+
+    methods = ["vanilla", "kd", "at", "rkd", "fitnet"]
+    students = [RunSpec("synthetic/tiny", method, seed) for seed in (0, 1) for method in methods]
+    whole = student_groups(students)
+    assert [[spec.method for spec in group] for group in whole] == [methods, methods]
+    chunked = student_groups(students, group_size=2)
+    assert [[(spec.method, spec.seed) for spec in group] for group in chunked] == [
+        [("vanilla", 0), ("kd", 0)], [("at", 0), ("rkd", 0)], [("fitnet", 0)],
+        [("vanilla", 1), ("kd", 1)], [("at", 1), ("rkd", 1)], [("fitnet", 1)]]
+    assert student_groups(students, group=False, group_size=2) == [[spec] for spec in students]
