@@ -35,13 +35,14 @@ def files_under(root: Path) -> list[str]:
 
 def test_the_same_arguments_resolve_to_an_equal_plan_and_other_arguments_to_another(tmp_path):
     results = str(tmp_path / "results")
-    argv = ["run", *GRID, "--results", results, "--jobs", "3", "--no-group", "--keep", "best"]
+    argv = ["run", *GRID, "--results", results, "--jobs", "3", "--group-size", "4", "--keep", "best"]
     plan = plan_of(*argv)
     assert plan == plan_of(*argv)
     assert plan.grid.methods == ("vanilla", "at", "kd") and plan.grid.seeds == (3, 1)
     assert plan.grid.held_out is not None and plan.select_on == "val"
     launch = plan.launch
-    assert (launch.executor, launch.jobs, launch.group, launch.processes_per_run) == ("local", 3, False, 1)
+    assert (launch.executor, launch.jobs, launch.group, launch.group_size) == ("local", 3, True, 4)
+    assert launch.processes_per_run == 1  # one process per run until DDP
     assert launch.options.keep == "best" and launch.stale == "ask" and not launch.dry_run
     # The teacher is shared; each of vanilla, at and the two kd variants has both seeds.
     assert len(plan.teachers()) == 1 and len(plan.students()) == 4 * 2
