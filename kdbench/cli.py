@@ -104,6 +104,14 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the networks' arithmetic: bf16 autocast (losses stay fp32) or fp32; "
                              "default bf16 where the runs get a GPU, fp32 on the CPU. Part of "
                              "each run's identity: bf16 and fp32 runs are never mixed")
+    parser.add_argument("--gpus-per-run", type=positive_int, default=1, metavar="N",
+                        help="train each student run across N processes with "
+                             "DistributedDataParallel: one per GPU (NCCL), or N CPU processes "
+                             "(gloo); the global batch and lr are the setting's, each process gets "
+                             "batch/N. Part of each run's identity (default 1)")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="with --gpus-per-run N > 1: SyncBatchNorm (batch statistics over "
+                             "the global batch; CUDA) instead of per-process BatchNorm")
 
 
 def build_parser() -> ArgumentParser:

@@ -70,7 +70,8 @@ class Executor(Protocol):
 
 
 class InProcessExecutor:
-    """Runs every spec in this process, in order. For tests and debugging."""
+    """Runs every spec in this process, in order. For tests and debugging; not a run across
+    several processes (cli.py says so before anything runs)."""
 
     def __init__(self, display: ProgressDisplay | None = None) -> None:
         self.display = display
@@ -156,7 +157,9 @@ def student_groups(students: list[RunSpec], group: bool = True,
         return [[spec] for spec in students]
     groups: dict[tuple, list[RunSpec]] = {}
     for spec in students:
-        groups.setdefault(group_key(spec), []).append(spec)
+        # A run across several processes trains alone (kdbench/ranks.py).
+        key = group_key(spec) if spec.processes == 1 else ("alone", spec.id)
+        groups.setdefault(key, []).append(spec)
     size = group_size or max((len(members) for members in groups.values()), default=1)
     return [members[start:start + size] for members in groups.values()
             for start in range(0, len(members), size)]
@@ -285,9 +288,13 @@ class LocalExecutor:
     def _start(self, context, group: list[RunSpec], results: Path, payload: dict[str, Any]) -> Worker:
         from kdbench.interrupt import sigint_blocked
 
+        from kdbench.ranks import supervisor_main
+
         receiver, sender = context.Pipe(duplex=False)
         worker = Worker(group, None, receiver)
-        process = context.Process(target=_worker_main, name=f"kdbench {worker.label}",
+        # A run across several processes: a supervisor that starts its ranks (kdbench/ranks.py).
+        target = supervisor_main if group[0].processes > 1 else _worker_main
+        process = context.Process(target=target, name=f"kdbench {worker.label}",
                                   args=([spec.to_json() for spec in group], str(results), payload,
                                         sender, os.getpid()))
         with sigint_blocked():

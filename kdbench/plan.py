@@ -55,7 +55,8 @@ class Launch:
     snapshot: bool
     group: bool  # not --no-group: the runs of one setting and seed train together
     group_size: int | None  # --group-size: at most this many runs in one group
-    # Processes (devices) that train one run together; 1 until DDP (--gpus-per-run) exists.
+    # Processes (devices) that train one run together (--gpus-per-run; kdbench/ranks.py); the
+    # grid's specs carry it too (RunSpec.processes: part of a run's identity).
     processes_per_run: int
     options: TrainOptions  # what every run's worker gets (device, compile, data_dir, keep ...)
     dry_run: bool
@@ -125,7 +126,8 @@ def resolve_grid(args: argparse.Namespace, precision: str) -> tuple[Grid, list[S
     checksum = sha256_file(checkpoint) if checkpoint is not None else None
     grid = Grid(tuple(s.name for s in chosen), tuple(methods), tuple(seeds or range(n_seeds)), sweep,
                 args.teacher_seed, checksum, precision, held_out_of(args),
-                {s.name: s.spec_fields() for s in chosen})
+                {s.name: s.spec_fields() for s in chosen}, getattr(args, "gpus_per_run", None) or 1,
+                getattr(args, "sync_bn", False))
     return grid, chosen, checkpoint
 
 
@@ -341,6 +343,10 @@ def resolve_launch(args: argparse.Namespace, preset: SlurmPreset | None, on_gpu:
 
     check_runs_per_gpu(args, preset)
     check_device(args)
+    from kdbench.ranks import check_request
+
+    check_request(getattr(args, "gpus_per_run", None) or 1, getattr(args, "sync_bn", False),
+                  args.executor, args.device)
     missing_data = check_data(args, chosen)
     if args.tensorboard:
         from kdbench.logs import require_tensorboard

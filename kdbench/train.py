@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kdbench
-from kdbench import registry, settings, sources
+from kdbench import distributed, registry, settings, sources
 from kdbench.data import BatchStream, Dataset, open_source, stream_of
 from kdbench.errors import UserError
 from kdbench.logs import EpochLog
@@ -323,6 +323,13 @@ class TrainingRun:
     parameter_bytes: int
     activation_bytes: int
     val_stream: BatchStream | None = None  # the held-out validation split's, if any
+    # Its process group (kdbench/distributed.py): SOLO for a run of one process. A run of
+    # several has ``ddp``, its student under DistributedDataParallel (``student_forward``
+    # calls it), and per stage the parameters whose gradients train_step averages itself.
+    ranks: distributed.Ranks = distributed.SOLO
+    ddp: nn.Module | None = None
+    ddp_syncs: bool = False  # DDP averages the student's gradients in this stage's backward
+    averaged_parameters: list[nn.Parameter] | None = None
     # The current stage's state, made when the stage starts (``start_stage``).
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
@@ -339,6 +346,11 @@ class TrainingRun:
     @property
     def stage_name(self) -> str:
         return self.schedule[self.stage_index][0]
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run's files: a run's rank 0 (every solo run)."""
+        return self.ranks.is_writer
 
     @property
     def is_main(self) -> bool:
@@ -439,7 +451,16 @@ def train_group(specs: list[RunSpec], store: Store, options: TrainOptions = Trai
     is_teacher = first.role == TEACHER
     base_recipe = setting.teacher_recipe if is_teacher else setting.recipe
     recipe = base_recipe.with_overrides(first.overrides)
-    device = pick_device(options)
+    ranks = distributed.current()
+    if first.processes != ranks.world_size:
+        raise ValueError(f"{first.label()} trains across {first.processes} processes, but this "
+                         f"process is one of {ranks.world_size} (kdbench/ranks.py starts them)")
+    if ranks.distributed and len(specs) > 1:
+        # The simplest correct rule: a run of several processes trains alone (its rank group is
+        # its own); grouping would have to shard every member's batches alike.
+        raise ValueError("a run across several processes trains alone, not in a group")
+    # One process per GPU: a rank's device is its local GPU.
+    device = distributed.device_of(pick_device(options), ranks)
     on_cuda = device.type == "cuda"
     precision = first.precision  # part of the run's identity (kdbench.spec)
     if options.threads:
@@ -530,6 +551,13 @@ def train_group(specs: list[RunSpec], store: Store, options: TrainOptions = Trai
             continue
         steps = leader.stream.steps_per_epoch
         for step, (images, labels, index) in enumerate(leader.stream.epoch()):
+            if ranks.distributed:
+                # Every rank drew the same global batch (the same seeded stream); each trains
+                # on its own 1/W of it. A last batch too small to give every rank two samples
+                # is skipped by all of them alike.
+                if not distributed.trains_on(len(labels), ranks):
+                    continue
+                images, labels, index = (distributed.shard(x, ranks) for x in (images, labels, index))
             if on_cuda:
                 images = images.contiguous(memory_format=torch.channels_last)
             batch = Batch(images, labels, index)
@@ -605,6 +633,11 @@ def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe,
     method: Method = method_class(method_class.Config.from_json(spec.config))
     arch = setting.teacher if is_teacher else setting.student
     student = build_model(arch, stream.num_classes, stream.in_channels).to(device)
+    ranks = distributed.current()
+    if spec.sync_bn:
+        # Batch statistics over the global batch (torch's SyncBatchNorm, CUDA only); before
+        # the taps, which hook the modules by name, and the checkpoint (same state_dict keys).
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     teacher: nn.Module | None = None
     if method.uses_teacher and not is_teacher:
         from kdbench.teachers import load_teacher  # teachers.py imports train.py
@@ -634,7 +667,6 @@ def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe,
     method.build(student_shapes, teacher_shapes, stream.num_train)
     method.to(device)
     method.observe_training_set(stream.train_labels.to(device))
-    student_forward = torch.compile(student) if options.compile else student
 
     stages: list[PretrainStage] = [] if is_teacher else method.pretrain_stages()
     stage_epochs = [max(1, round(stage.epochs * setting.pretrain_scale)) for stage in stages]
@@ -656,10 +688,16 @@ def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe,
         history = checkpoint["history"]
         stage_index, epoch = checkpoint["stage_index"], checkpoint["epoch"]
         stream.load_state_dict(checkpoint["stream"])
+    # Wrapped after the checkpoint is loaded: DDP broadcasts rank 0's weights as it is made,
+    # and every rank has loaded the same checkpoint (rank 0's) by then.
+    ddp = distributed.wrap(student, device, ranks) if ranks.distributed else None
+    student_forward = ddp if ddp is not None else student
+    student_forward = torch.compile(student_forward) if options.compile else student_forward
     kept = KeptStudents(store, spec.id, options.keep)
     kept.resume(checkpoint, history)
     log = EpochLog(store, spec.id, options.tensorboard)
-    log.start(history)  # a resumed run's logs are rewritten from its checkpoint's history
+    if ranks.is_writer:
+        log.start(history)  # a resumed run's logs are rewritten from its checkpoint's history
     run = TrainingRun(
         spec=spec, method_class=method_class, method=method, student=student,
         student_forward=student_forward, student_taps=student_taps, stream=stream,
@@ -671,7 +709,8 @@ def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe,
         images_seen=checkpoint["images_seen"] if checkpoint else 0,
         kept=kept, log=log, sample=sample, report=report,
         parameter_bytes=parameter_bytes([student, method]),
-        activation_bytes=activations.scaled(len(sample), recipe.batch_size), val_stream=val_stream)
+        activation_bytes=activations.scaled(len(sample), recipe.batch_size), val_stream=val_stream,
+        ranks=ranks, ddp=ddp)
     skip_finished_stages(run)
     # What progress displays count (kdbench.progress): every stage's epochs, and how many of
     # them the checkpoint had done (a resumed run).
@@ -697,7 +736,10 @@ def advance_stage(run: TrainingRun) -> None:
 
 
 def checkpoint_run(run: TrainingRun) -> None:
-    """Everything a resumed run needs; optimiser None marks a stage boundary."""
+    """Everything a resumed run needs; optimiser None marks a stage boundary. Rank 0 writes it
+    for a run of several processes: every rank resumes from it."""
+    if not run.writes:
+        return
     save_checkpoint(run.checkpoint_path, {
         "run_id": run.spec.id, "stage_index": run.stage_index, "epoch": run.epoch,
         "student": run.student.state_dict(), "method": run.method.state_dict(),
@@ -736,6 +778,19 @@ def start_stage(run: TrainingRun, recipe: settings.Recipe) -> None:
             run.scheduler.load_state_dict(checkpoint["scheduler"])
     run.checkpoint = None
     run.method_modules = run.method.trainable_modules() if run.is_main else pretrain.modules
+    if run.ranks.distributed:
+        # DDP averages the student's gradients inside the default backward (the loss sum's
+        # one backward pass reaches every student parameter through its forward). Under a
+        # method's own gradient rule (torch.autograd.grad, which DDP's hooks never see: MHGD,
+        # KD-SVD, compositions) and in a pre-training stage (part of the student unused), the
+        # step runs under DDP's no_sync and train_step averages every trainable gradient itself,
+        # after the rule made them from this rank's shard. The method's own modules are called
+        # inside its loss, not through a forward DDP could wrap: their gradients are averaged
+        # by train_step always (the same all-reduce DDP does, without its overlap).
+        custom_rule = type(run.method).backward is not Method.backward
+        run.ddp_syncs = run.is_main and not custom_rule
+        run.averaged_parameters = (iter_parameters(run.method.trainable_modules()) if run.ddp_syncs
+                                   else trainable)
 
 
 def start_epoch(run: TrainingRun, recipe: settings.Recipe, device: torch.device) -> None:
@@ -756,6 +811,15 @@ def start_epoch(run: TrainingRun, recipe: settings.Recipe, device: torch.device)
 def train_step(run: TrainingRun, batch: Batch, t: Features | None, step: int, steps: int,
                autocast: contextlib.AbstractContextManager) -> None:
     """One optimiser step of ``run`` on ``batch``, given the teacher's features ``t``."""
+    # Without DDP's own gradient averaging in this stage (start_stage), its forward and
+    # backward go under no_sync, and the averaging happens below.
+    with (run.ddp.no_sync() if run.ddp is not None and not run.ddp_syncs
+          else contextlib.nullcontext()):
+        _train_step(run, batch, t, step, steps, autocast)
+
+
+def _train_step(run: TrainingRun, batch: Batch, t: Features | None, step: int, steps: int,
+                autocast: contextlib.AbstractContextManager) -> None:
     images, labels = batch.images, batch.labels
     is_main = run.is_main
     epochs = run.schedule[run.stage_index][1]
@@ -777,6 +841,8 @@ def train_step(run: TrainingRun, batch: Batch, t: Features | None, step: int, st
         run.method.backward(terms, run.student_parameters, progress)
     else:
         torch.stack(list(terms.values())).sum().backward()
+    if run.averaged_parameters is not None:
+        distributed.average_gradients(run.averaged_parameters, run.ranks)
     run.optimizer.step()
     # Device-side bookkeeping only: no .item() in the hot loop.
     total = torch.stack([term.detach().float() for term in terms.values()]).sum()
@@ -794,10 +860,26 @@ def train_step(run: TrainingRun, batch: Batch, t: Features | None, step: int, st
                     "epochs": epochs, "step": step + 1, "steps": steps})
 
 
+def sum_over_ranks(run: TrainingRun) -> None:
+    """The epoch's device-side sums over every rank's shard, in one all-reduce (float64, so
+    the counts stay exact); the first non-finite step is the latest any rank saw (-1: none),
+    so every rank fails the run alike."""
+    names = sorted(run.term_sums)
+    sums = torch.stack([run.loss_sum.double(), run.correct.double(),
+                        torch.tensor(float(run.seen), dtype=torch.float64, device=run.loss_sum.device),
+                        *(torch.as_tensor(run.term_sums[name]).double() for name in names)])
+    distributed.sum_across(sums, run.ranks)
+    run.loss_sum, run.correct, run.seen = sums[0], sums[1].long(), int(sums[2].item())
+    run.term_sums = {name: sums[3 + index] for index, name in enumerate(names)}
+    distributed.max_across(run.first_bad_step, run.ranks)
+
+
 def end_epoch(run: TrainingRun, recipe: settings.Recipe,
               autocast: contextlib.AbstractContextManager, on_cuda: bool) -> None:
     """The end of an epoch: the one host sync, the history entry, evaluation, checkpoint."""
     stage_name, epochs = run.schedule[run.stage_index]
+    if run.ranks.distributed:
+        sum_over_ranks(run)
     bad_step = int(run.first_bad_step.item())
     if bad_step >= 0:
         raise NonFiniteLoss(f"loss became non-finite in stage {stage_name!r}, epoch "
@@ -813,11 +895,19 @@ def end_epoch(run: TrainingRun, recipe: settings.Recipe,
     if run.is_main:
         entry["train_top1"] = 100.0 * run.correct.item() / seen
         if (run.epoch + 1) % recipe.eval_every == 0 or run.epoch + 1 == epochs:
-            top1, top5 = evaluate(run.student_forward, run.stream, autocast, on_cuda)
-            entry.update(top1=top1, top5=top5)
-            if run.val_stream is not None:
-                val_top1, val_top5 = evaluate(run.student_forward, run.val_stream, autocast, on_cuda)
-                entry.update(val_top1=val_top1, val_top5=val_top5)
+            # A run of several processes: rank 0 evaluates the plain student (a forward through
+            # DDP is a collective), and tells every rank, so all hold the same history.
+            scores: dict[str, float] = {}
+            if run.writes:
+                model = run.student if run.ranks.distributed else run.student_forward
+                top1, top5 = evaluate(model, run.stream, autocast, on_cuda)
+                scores.update(top1=top1, top5=top5)
+                if run.val_stream is not None:
+                    val_top1, val_top5 = evaluate(model, run.val_stream, autocast, on_cuda)
+                    scores.update(val_top1=val_top1, val_top5=val_top5)
+            entry.update(distributed.from_writer(scores, run.ranks))
+    if run.ranks.distributed:
+        entry["attempt"] = run.ranks.attempt  # the launcher's attempt: a resume shows in the history
     entry["seconds"] = time.time() - run.epoch_started
     run.trained_seconds += entry["seconds"]
     run.images_seen += seen
@@ -825,7 +915,8 @@ def end_epoch(run: TrainingRun, recipe: settings.Recipe,
     run.kept.observe(entry, run.student)  # a new best epoch's weights travel in the checkpoint
     run.epoch += 1
     checkpoint_run(run)
-    run.log.epoch(run.history)
+    if run.writes:
+        run.log.epoch(run.history)
     run.report({"event": "epoch", **entry, "epochs": epochs})
     if run.epoch >= epochs and run.stage_index + 1 < len(run.schedule):
         advance_stage(run)
@@ -887,8 +978,11 @@ def run_record(run: TrainingRun, setting: settings.Setting, store: Store,
         from kdbench.teachers import save_teacher_weights
 
         record["teacher_weights"] = save_teacher_weights(run.student, spec, store)
-    record["student_weights"] = run.kept.keep(run.student, main[-1]["epoch"], best["epoch"],
-                                              last=record.get("teacher_weights"))
+    if run.writes:
+        record["student_weights"] = run.kept.keep(run.student, main[-1]["epoch"], best["epoch"],
+                                                  last=record.get("teacher_weights"))
+    if run.ranks.distributed:
+        record["provenance"]["distributed"] = distributed.provenance(run.ranks, spec.sync_bn)
     return record
 
 
