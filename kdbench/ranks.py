@@ -2,8 +2,7 @@
 
 ``supervise`` is what the local executor's worker process runs for a run with
 ``RunSpec.processes`` = W > 1 (kdbench/launch.py). It picks a free port on this machine and
-starts W processes (spawn, as every kdbench worker: no state shared but the environment),
-each with torch.distributed's environment variables set (MASTER_ADDR/PORT, RANK, WORLD_SIZE,
+starts W processes, each with torch.distributed's environment variables set (MASTER_ADDR/PORT, RANK, WORLD_SIZE,
 LOCAL_RANK; kdbench/distributed.py joins the group from them): rank r trains on ``cuda:r``
 on GPUs, and on the CPU with gloo. Rank 0 goes through ``worker.run_job`` (the run's claim,
 its checkpoint, record and failure record); the other ranks train the same run and write
@@ -14,6 +13,11 @@ an error in one rank), the others would wait in their next collective until its 
 supervisor kills them all and starts the whole group again, which resumes from rank 0's last
 epoch checkpoint, at most MAX_RESTARTS times; then the run's failure is stored with the cause
 (``worker.record_death``). Each epoch of the history says which attempt trained it.
+
+The ranks are forked from the supervisor (itself a fresh spawned process that has imported
+kdbench and torch but run nothing: no CUDA context, no threads), so that starting and
+restarting a group costs no imports (seconds per process on a busy machine); where fork is
+not available they are spawned.
 """
 
 from __future__ import annotations
@@ -35,9 +39,6 @@ MAX_RESTARTS = 3  # restarts of the whole group after a lost rank; then the run 
 # 0 that found the run stored, or failed it, leaves the others waiting in a collective).
 FINISH_GRACE_S = 10.0
 STOP_GRACE_S = 5.0
-# The variable that names the run a rank trains, in its environment from its start (so that
-# /proc shows it: a test, or a user, can find the ranks of one run).
-RUN_VARIABLE = "KDBENCH_RUN_ID"
 
 
 def free_port() -> int:
@@ -47,10 +48,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def rank_environment(rank: int, world_size: int, port: int, attempt: int, run_id: str) -> dict[str, str]:
+def rank_environment(rank: int, world_size: int, port: int, attempt: int) -> dict[str, str]:
     return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
             "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size),
-            distributed.ATTEMPT_VARIABLE: str(attempt), RUN_VARIABLE: run_id}
+            distributed.ATTEMPT_VARIABLE: str(attempt)}
+
+
+def rank_context():
+    import multiprocessing as mp
+
+    if "fork" in mp.get_all_start_methods():
+        import kdbench.train  # noqa: F401  (imported once here, inherited by every rank)
+        import kdbench.worker  # noqa: F401
+
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
 
 
 def device_type_of(options: dict[str, Any]) -> str:
@@ -99,7 +111,7 @@ def supervise(spec_json: dict[str, Any], results: str, options: dict[str, Any],
     # The CPU threads of the run, shared by its ranks (each a process of its own).
     threads = options.get("threads")
     rank_options = {**options, "threads": max(1, threads // world_size) if threads else None}
-    context = multiprocessing.get_context("spawn")
+    context = rank_context()
     cause = ""
     for attempt in range(1, MAX_RESTARTS + 2):
         port = free_port()
@@ -110,16 +122,16 @@ def supervise(spec_json: dict[str, Any], results: str, options: dict[str, Any],
                 process = context.Process(
                     target=_rank_main, name=f"kdbench rank {rank} of {spec.label()}",
                     args=(spec_json, results, rank_options, sender if rank == 0 else None, os.getpid()))
-                # spawn's child starts with this process's environment: set it around start().
+                # The child starts with this process's environment: set it around start().
                 saved = dict(os.environ)
-                os.environ.update(rank_environment(rank, world_size, port, attempt, spec.id))
+                os.environ.update(rank_environment(rank, world_size, port, attempt))
                 try:
                     process.start()
                 finally:
                     os.environ.clear()
                     os.environ.update(saved)
                 processes.append(process)
-            sender.close()  # rank 0 holds the other copy: EOF on the pipe means it ended
+            sender.close()  # rank 0 holds the other copy
             outcome, cause = _follow(receiver, processes, send)
         finally:
             _stop(processes)
@@ -171,7 +183,17 @@ def _follow(receiver, processes: list, send: Callable[[tuple], None]) -> tuple[d
                     process.join(FINISH_GRACE_S)
                 lost = killed()
                 return (None, lost) if lost and outcome["status"] != "done" else (outcome, "")
-        if not pipe_open and processes[0].exitcode is not None:
+        if processes[0].exitcode is not None:
+            # Ended without an outcome read yet: it may be in the pipe (EOF does not tell, as
+            # forked ranks hold copies of its end).
+            while pipe_open and receiver.poll():
+                try:
+                    message = receiver.recv()
+                except (EOFError, OSError):
+                    break
+                if message[0] == "outcome":
+                    return message[1], ""
+                send(message)
             return None, f"rank 0: {death_cause(processes[0].exitcode)}"
         ended = [rank for rank, process in enumerate(processes[1:], start=1)
                  if process.exitcode not in (None, 0)]
