@@ -78,6 +78,8 @@ class SlurmTask(submitit.helpers.Checkpointable):
 
     def __call__(self, specs: dict[str, Any] | list[dict[str, Any]], results: str,
                  options: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(specs, dict) and RUN_ACROSS in specs:
+            return _train_across(specs[RUN_ACROSS], results, options)
         together = isinstance(specs, dict) and TRAINING_GROUP in specs
         group = (list(specs[TRAINING_GROUP]) if together
                  else [specs] if isinstance(specs, dict) else list(specs))
@@ -112,6 +114,40 @@ class SlurmTask(submitit.helpers.Checkpointable):
 # {"group": [spec dicts]}, told apart from a spec dict (which has no such field) and from a
 # list (runs_per_task runs, one process each).
 TRAINING_GROUP = "group"
+# The call of each task of a job that trains one run across several processes (one task per
+# process, kdbench/distributed.py): {"across": spec dict}.
+RUN_ACROSS = "across"
+
+
+def _train_across(spec_json: dict[str, Any], results: str, options: dict[str, Any]) -> dict[str, Any] | None:
+    """One task (one rank) of a run across several processes. submitit's
+    TorchDistributedEnvironment exports torch.distributed's variables from SLURM's (rank = the
+    task's global rank, master = the job's first node, a port drawn from the job id, so a
+    requeued job meets at the same one); every task sees its node's GPUs and takes GPU
+    LOCAL_RANK. Rank 0 goes through run_job (claim, checkpoints, record; it raises on failure,
+    so SLURM marks the job FAILED); the others train the same run and write nothing. A rank
+    lost on SLURM fails the job's attempt: its record is stored failed, and the next `kdbench
+    run` resumes it from its checkpoint (the local launcher restarts by itself, ranks.py)."""
+    from kdbench import distributed
+    from kdbench.ranks import device_type_of
+    from kdbench.train import train
+    from kdbench.worker import train_options
+
+    environment = submitit.helpers.TorchDistributedEnvironment().export(
+        set_cuda_visible_devices=False, overwrite=True)
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    os.environ[distributed.ATTEMPT_VARIABLE] = str(restarts + 1)
+    spec = RunSpec.from_json(spec_json)
+    print(f"kdbench: {spec.label()} ({spec.id}): rank {environment.rank} of {environment.world_size}, "
+          f"master {environment.master_addr}:{environment.master_port}", flush=True)
+    with distributed.process_group(device_type_of(options)) as ranks:
+        if not ranks.is_writer:
+            train(spec, Store(Path(results)), train_options(options))
+            return None
+        outcome = run_job(spec_json, results, options, on_progress=log_epoch, raise_on_failure=True)
+    if not outcome.get("skipped"):
+        note_restarts(Store(Path(results)), outcome["id"], restarts)
+    return outcome
 
 
 class GroupRunsFailed(RuntimeError):
@@ -426,8 +462,13 @@ class SlurmExecutor:
 
     # ---- submission --------------------------------------------------------------------------
 
-    def _executor(self, folder: Path, name: str, after: str | None) -> submitit.AutoExecutor:
+    def _executor(self, folder: Path, name: str, after: str | None,
+                  processes: int = 1) -> submitit.AutoExecutor:
+        """The executor of a grid's jobs: one task each, or for a run across ``processes``,
+        that many tasks (one per process), ``processes_per_node`` of them per node."""
         preset = self.preset
+        per_node = min(processes, preset.processes_per_node or processes)
+        nodes = -(-processes // per_node)
         # cluster="slurm" always: with cluster=None submitit picks SLURM whenever srun is on
         # PATH, and picks something else when it is not.
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
@@ -438,7 +479,7 @@ class SlurmExecutor:
             sbatch["kill-on-invalid-dep"] = "yes"
         parameters: dict[str, Any] = {
             "name": name, "timeout_min": preset.time_min, "cpus_per_task": preset.cpus_per_task,
-            "mem_gb": preset.mem_gb, "tasks_per_node": 1, "nodes": 1,
+            "mem_gb": preset.mem_gb, "tasks_per_node": per_node, "nodes": nodes,
             "slurm_partition": preset.partition, "slurm_account": preset.account,
             "slurm_qos": preset.qos, "slurm_constraint": preset.constraint,
             "slurm_array_parallelism": preset.array_parallelism,
@@ -450,7 +491,7 @@ class SlurmExecutor:
         # One task is one run on one node; --gpus-per-node rather than --gpus-per-task, which
         # some SLURM versions refuse without --ntasks.
         if preset.gpus_per_task:
-            parameters["gpus_per_node"] = preset.gpus_per_task
+            parameters["gpus_per_node"] = preset.gpus_per_task * per_node
         executor.update_parameters(**{key: value for key, value in parameters.items() if value is not None})
         return executor
 
@@ -488,8 +529,20 @@ class SlurmExecutor:
         group of two or more runs (kdbench.train.group_key) is one task that trains them
         together, and the runs left alone go ``runs_per_task`` to a task, as without it (one
         process each); one SlurmSubmission per run, with its task's job id."""
-        executor = self._executor(folder, name, after)
         task = SlurmTask()
+        across = [spec for spec in specs if spec.processes > 1]
+        specs = [spec for spec in specs if spec.processes == 1]
+        submissions: list[SlurmSubmission] = []
+        for processes in sorted({spec.processes for spec in across}):
+            # Runs across several processes: one job of that many tasks each (an array of them).
+            members = [spec for spec in across if spec.processes == processes]
+            executor = self._executor(folder, name, after, processes)
+            submissions += self._send(executor, task, [[spec] for spec in members],
+                                      [{RUN_ACROSS: spec.to_json()} for spec in members],
+                                      folder, results, options, after)
+        if not specs:
+            return submissions
+        executor = self._executor(folder, name, after)
         trained_together = [members for members in student_groups(specs, group, self.group_size) if len(members) > 1]
         together_ids = {spec.id for members in trained_together for spec in members}
         rest = [spec for spec in specs if spec.id not in together_ids]
@@ -499,6 +552,16 @@ class SlurmExecutor:
         calls = [{TRAINING_GROUP: [spec.to_json() for spec in members]} if index < len(trained_together)
                  else members[0].to_json() if len(members) == 1 else [spec.to_json() for spec in members]
                  for index, members in enumerate(groups)]
+        try:
+            return submissions + self._send(executor, task, groups, calls, folder, results, options, after)
+        except BaseException:
+            cancel([submission.job_id for submission in submissions])  # all or nothing
+            raise
+
+    def _send(self, executor: submitit.AutoExecutor, task: "SlurmTask", groups: list[list[RunSpec]],
+              calls: list[Any], folder: Path, results: Path, options: dict[str, Any],
+              after: str | None) -> list[SlurmSubmission]:
+        """Submit one job (or array task) per call; one SlurmSubmission per run of its group."""
         try:
             # submitit also prints sbatch's complaint to stderr; it is in our one-line error.
             with contextlib.redirect_stderr(io.StringIO()):
