@@ -872,6 +872,17 @@ def sum_over_ranks(run: TrainingRun) -> None:
     run.loss_sum, run.correct, run.seen = sums[0], sums[1].long(), int(sums[2].item())
     run.term_sums = {name: sums[3 + index] for index, name in enumerate(names)}
     distributed.max_across(run.first_bad_step, run.ranks)
+    # Every rank's student and method modules must be the same after every step (the same
+    # averaged gradients, the same optimiser): a difference is a bug, such as a trainable
+    # module whose gradients were not averaged, and would make rank 0's checkpoint not what
+    # the others trained. One checksum per epoch says.
+    checksum = torch.stack([parameter.detach().double().sum() for parameter in
+                            [*run.student.parameters(), *run.method.parameters()]]).sum()
+    bounds = distributed.max_across(torch.stack([checksum, -checksum]), run.ranks)
+    if bounds[0].item() != -bounds[1].item():
+        raise RuntimeError(f"the ranks' parameters differ after stage {run.stage_name!r} epoch "
+                           f"{run.epoch + 1} (checksums from {-bounds[1].item()!r} to "
+                           f"{bounds[0].item()!r}): a trainable module's gradients were not averaged")
 
 
 def end_epoch(run: TrainingRun, recipe: settings.Recipe,

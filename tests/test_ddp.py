@@ -145,12 +145,19 @@ def history_without_times(record):
             for entry in record["history"]]
 
 
+# MHGD besides the baseline: a pre-training stage (part of the student, the attention network),
+# a custom gradient rule, and trainable modules, each a path where train.py averages gradients
+# itself (and checks every epoch that the ranks' parameters agree).
+MHGD = RunSpec("synthetic/tiny", "mhgd", 0, processes=2)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(trained_tiny_teacher, tmp_path_factory):
-    """A 2-process run of synthetic/tiny through `kdbench run` (local executor), to the end."""
+    """2-process runs of synthetic/tiny through `kdbench run` (local executor), to the end."""
     results = tmp_path_factory.mktemp("ddp") / "results"
     shutil.copytree(trained_tiny_teacher, results)
-    assert main(RUN_ARGS + ["--results", str(results)]) == 0
+    args = [arg if arg != "vanilla" else "mhgd" for arg in RUN_ARGS]
+    assert main(args + ["--results", str(results)]) == 0
     return results
 
 
@@ -167,6 +174,10 @@ def test_a_two_process_run_finishes_with_its_record(uninterrupted, capsys):
     assert record["images_per_second"] * record["train_seconds"] == pytest.approx(EPOCHS * 1200)
     assert not store.checkpoint_path(DDP_SPEC.id).exists()
     assert (uninterrupted / record["student_weights"]["last"]["path"]).is_file()
+    mhgd = store.read(MHGD.id)
+    assert mhgd["status"] == "done", mhgd.get("error")
+    assert [entry["stage"] for entry in mhgd["history"]][-EPOCHS:] == ["main"] * EPOCHS
+    assert len(mhgd["history"]) > EPOCHS  # its attention-network stage came first
     capsys.readouterr()
     assert main(["status", "--results", str(uninterrupted), *GRID_ARGS]) == 0
     rows = capsys.readouterr().out.splitlines()
