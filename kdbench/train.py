@@ -551,10 +551,11 @@ def train_group(specs: list[RunSpec], store: Store, options: TrainOptions = Trai
             continue
         steps = leader.stream.steps_per_epoch
         for step, (images, labels, index) in enumerate(leader.stream.epoch()):
-            if ranks.distributed:
+            if ranks.distributed and not getattr(leader.stream, "sharded", False):
                 # Every rank drew the same global batch (the same seeded stream); each trains
                 # on its own 1/W of it. A last batch too small to give every rank two samples
-                # is skipped by all of them alike.
+                # is skipped by all of them alike. (A stream that shards itself, an
+                # ImageFolder's, yields this rank's part already.)
                 if not distributed.trains_on(len(labels), ranks):
                     continue
                 images, labels, index = (distributed.shard(x, ranks) for x in (images, labels, index))
@@ -629,6 +630,8 @@ def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe,
                   if held_out_set is not None else None)
     stream = stream_of(source, device, recipe.batch_size, recipe.augmentation, spec.seed,
                        options.loader_workers)
+    if distributed.current().distributed and hasattr(stream, "take_shard"):
+        stream.take_shard(distributed.current())  # it loads this rank's part of each batch only
     method_class = registry.get(spec.method)
     method: Method = method_class(method_class.Config.from_json(spec.config))
     arch = setting.teacher if is_teacher else setting.student

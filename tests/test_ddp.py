@@ -258,3 +258,26 @@ def test_bad_process_requests_are_one_line_exit_2(extra, message, tmp_path, caps
     error = capsys.readouterr().err.strip()
     assert code == 2 and message in error and len(error.splitlines()) == 1, error
     assert not results.exists() or not any((results / "runs").glob("*.json"))
+
+
+# --- ImageFolder data: each rank loads its part only -------------------------------------------
+
+@pytest.mark.parametrize("world_size, batch_size", [(2, 5), (3, 7)])
+def test_an_imagefolder_rank_loads_exactly_its_shard_of_every_batch(tmp_path, world_size, batch_size):
+    """24 images: batches of 5 (the last 4) give 2 ranks parts of 3 and 2; batches of 7 (the
+    last 3) give 3 ranks parts of 3, 2, 2 and a last batch of 1 each, which all skip."""
+    from test_imagefolder import make_image_folder, raw_epoch, stream
+
+    root = make_image_folder(tmp_path / "images")
+    whole = raw_epoch(stream(root, seed=3, batch_size=batch_size))
+    for rank in range(world_size):
+        ranks = distributed.Ranks(rank, world_size)
+        sharded = stream(root, seed=3, batch_size=batch_size)
+        sharded.take_shard(ranks)
+        got = raw_epoch(sharded)
+        expected = [[distributed.shard(x, ranks) for x in batch] for batch in whole
+                    if distributed.trains_on(len(batch[1]), ranks)]
+        assert len(got) == len(expected) == (len(whole) - (1 if world_size == 3 else 0))
+        for (images, labels, index), (want_images, want_labels, want_index) in zip(got, expected):
+            assert torch.equal(index, want_index) and torch.equal(labels, want_labels)
+            assert torch.equal(images, want_images)
