@@ -71,7 +71,7 @@ class Executor(Protocol):
 
 class InProcessExecutor:
     """Runs every spec in this process, in order. For tests and debugging; not a run across
-    several processes (cli.py says so before anything runs)."""
+    several processes (kdbench.plan says so before anything runs)."""
 
     def __init__(self, display: ProgressDisplay | None = None) -> None:
         self.display = display
@@ -287,7 +287,6 @@ class LocalExecutor:
 
     def _start(self, context, group: list[RunSpec], results: Path, payload: dict[str, Any]) -> Worker:
         from kdbench.interrupt import sigint_blocked
-
         from kdbench.ranks import supervisor_main
 
         receiver, sender = context.Pipe(duplex=False)
