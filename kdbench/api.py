@@ -9,8 +9,8 @@ from code, and a run's kept student.
     student = api.load_student("results", runs.run_id[0])  # nn.Module in eval mode
     top1, top5 = api.evaluate(student, runs.setting[0])
 
-``run`` goes through the command line's own parser and ``command_run``: the same checks, the
-same messages (a mistake raises ``kdbench.errors.UserError`` with the line the CLI would print),
+``run`` goes through the command line's own parser, its plan (kdbench.plan) and the run
+command (kdbench.run_grid): the same checks, the same messages (a mistake raises ``kdbench.errors.UserError`` with the line the CLI would print),
 the same executors. ``runs``, ``history`` and ``summary`` read records only.
 """
 
@@ -110,11 +110,12 @@ def run(methods: Iterable[str] | str | None = None, seeds: int | Iterable[int] |
     ``tensorboard=True``, ``set={"kd.temperature": 2}`` (or a list of "METHOD.FIELD=VALUE";
     a list value sweeps, ``set={"kd.temperature": [2, 4]}``, as does ``lr=[0.01, 0.05]``),
     ``no_table=True``, ``dry_run=True``, ... Flags take True. Everything goes through the
-    command line's parser and ``command_run``, so a mistake raises the UserError the command
+    command line's parser and plan, and ``kdbench run``'s code, so a mistake raises the UserError the command
     would print, before anything is trained or written. Failed runs are rows with status
     "failed" (and the command's lines on stderr).
     """
-    from kdbench.cli import command_run, grid_from_args
+    from kdbench.plan import resolve_plan
+    from kdbench.run_grid import run_plan
 
     if seeds is not None and not isinstance(seeds, (int, str)):
         if "seed_list" in options:
@@ -122,11 +123,10 @@ def run(methods: Iterable[str] | str | None = None, seeds: int | Iterable[int] |
         options["seed_list"] = list(seeds)
         seeds = None
     given = {"methods": methods, "seeds": seeds, "setting": setting, "results": results, **options}
-    args = parse_run_options(given)
-    command_run(args)
-    grid, _ = grid_from_args(args, creating=False)
-    ids = [spec.id for spec in [*grid.teachers(), *grid.students()]]
-    frame = runs(args.results)
+    plan = resolve_plan(parse_run_options(given))
+    run_plan(plan)
+    ids = [spec.id for spec in [*plan.teachers(), *plan.students()]]
+    frame = runs(plan.results)
     return frame[frame["run_id"].isin(ids)].reset_index(drop=True)
 
 

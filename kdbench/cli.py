@@ -1,32 +1,28 @@
 """The command line: ``python -m kdbench run | list | table | status``.
 
-Argument checking happens here, before anything is written: a user's mistake is one clear
-line and exit code 2, and results already stored are never touched by it.
+The parser, and the dispatch to each command's module. ``run`` and ``status`` first resolve
+their arguments into a plan (kdbench.plan), where every argument is checked before anything
+is written: a user's mistake is one clear line and exit code 2, and results already stored are
+never touched by it.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
+import importlib
 import shlex
 import sys
-import tempfile
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Callable, Sequence
 
 from kdbench import settings
 from kdbench.errors import UserError
+from kdbench.plan import MAX_SEED, resolve_plan
+# The plan's resolve steps lived here once, and tools and tests still import them from here.
+from kdbench.plan import check_runs_per_gpu, grid_from_args, slurm_overrides  # noqa: F401
 from kdbench.sweep import value_list
 
 EXIT_USAGE = 2
-# Seeds go to numpy's legacy seeding (np.random.seed), which takes 0 to 2**32 - 1.
-MAX_SEED = 2**32 - 1
-# A grid larger than this is a typo (``--seeds 100000000000``), not an experiment: its run list
-# alone would not fit in memory. Each run is minutes to hours of training.
-MAX_GRID_RUNS = 100_000
-MAX_LOADER_WORKERS = 64  # DataLoader processes per run: more is a typo, not a machine
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -108,6 +104,14 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the networks' arithmetic: bf16 autocast (losses stay fp32) or fp32; "
                              "default bf16 where the runs get a GPU, fp32 on the CPU. Part of "
                              "each run's identity: bf16 and fp32 runs are never mixed")
+    parser.add_argument("--gpus-per-run", type=positive_int, default=1, metavar="N",
+                        help="train each student run across N processes with "
+                             "DistributedDataParallel: one per GPU (NCCL), or N CPU processes "
+                             "(gloo); the global batch and lr are the setting's, each process gets "
+                             "batch/N. Part of each run's identity (default 1)")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="with --gpus-per-run N > 1: SyncBatchNorm (batch statistics over "
+                             "the global batch; CUDA) instead of per-process BatchNorm")
 
 
 def build_parser() -> ArgumentParser:
@@ -126,6 +130,14 @@ def build_parser() -> ArgumentParser:
                           "to fill it alone; each run is its own process with its own seed and data "
                           "order, exactly as when run alone. Local executor on CUDA; with --executor "
                           "slurm, N runs per array task (a preset with a GPU per task)")
+    run.add_argument("--no-group", action="store_true",
+                     help="one run per process; by default the runs of one setting and seed train "
+                          "together, one teacher forward per batch for all of them, with records "
+                          "identical to runs trained alone (local and slurm executors)")
+    run.add_argument("--group-size", type=positive_int, metavar="N",
+                     help="at most N runs train together; a larger group goes in chunks of N. A "
+                          "group's runs finish together, so smaller groups store records sooner "
+                          "(for a machine lent a few hours at a time); records are the same")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     run.add_argument("--compile", action="store_true", help="torch.compile the networks")
     run.add_argument("--loader-workers", type=int, metavar="N",
@@ -173,394 +185,6 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-# --- checking the grid ----------------------------------------------------------------------
-
-def check_results_dir(results: Path) -> None:
-    """Fail before training when results cannot be written, not after hours of it."""
-    if results.exists() and not results.is_dir():
-        raise UserError(f"results directory {results} is a file")
-    try:
-        results.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=results, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise UserError(f"results directory {results} is not writable: {error.strerror or error}") from None
-
-
-def check_could_create(path: Path, what: str) -> None:
-    """Fail when ``path`` (a directory or file to be made, parents included) could not be
-    created, without creating anything: its nearest existing ancestor must be a writable
-    directory (--dry-run, table --out)."""
-    if path.is_dir():
-        ancestor = path
-    else:
-        ancestor = path.parent
-        while not ancestor.exists() and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
-        if path.exists() and not path.is_dir() and what.endswith("directory"):
-            raise UserError(f"{what} {path} is a file")
-    if not ancestor.is_dir():
-        raise UserError(f"{what} {path} is not writable: {ancestor} is a file, not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {path} is not writable: no permission to write in {ancestor}")
-
-
-def check_device(args: argparse.Namespace) -> None:
-    """--device names a device kdbench trains on, present here (on SLURM: on the nodes)."""
-    if args.device is None:
-        return
-    import torch
-
-    try:
-        device = torch.device(args.device)
-    except (RuntimeError, ValueError):
-        raise UserError(f"--device {args.device}: not a device (cpu, cuda, cuda:1, mps)") from None
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device {args.device}: kdbench trains on cpu, cuda or mps")
-    if args.executor == "slurm":
-        return  # the nodes have the devices, not this machine
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UserError(f"--device {args.device}: no CUDA device here (torch.cuda.is_available() "
-                            "is False); leave --device out to train on the CPU")
-        if device.index is not None and device.index >= count:
-            raise UserError(f"--device {args.device}: this machine has {count} CUDA "
-                            f"device{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {args.device}: no MPS device here")
-
-
-def check_batch_size(batch_sizes: Sequence[int] | None, chosen) -> None:
-    """A batch larger than the training set is a mistake (and would not fit anyway)."""
-    from kdbench.data import DATASET_SIZES
-
-    if not batch_sizes:
-        return
-    batch_size = max(batch_sizes)
-    for setting in chosen:
-        images = min(DATASET_SIZES[setting.dataset][0], setting.train_subset or math.inf)
-        if batch_size > images:
-            raise UserError(f"--batch-size {batch_size} is larger than the {images} training "
-                            f"images of {setting.name}")
-
-
-def grid_from_args(args: argparse.Namespace, creating: bool):
-    from kdbench import registry
-    from kdbench.grid import Grid, with_baseline
-    from kdbench.sweep import Sweep, config_axes, recipe_axes
-
-    asked = args.methods if args.methods else ["kd"]
-    twice = sorted({method for method in asked if asked.count(method) > 1})
-    if twice:
-        raise UserError(f"--methods: {', '.join(twice)} is listed twice")
-    methods = with_baseline(asked)
-    for method in methods:
-        registry.get(method)  # unknown or broken (import fails): one line, exit 2
-    if args.seed_list:
-        try:
-            seeds = [int(seed) for seed in args.seed_list]
-        except ValueError:
-            raise UserError(f"--seed-list: expected whole numbers, got {','.join(args.seed_list)}") from None
-        wrong = [seed for seed in seeds if not 0 <= seed <= MAX_SEED]
-        if wrong:
-            raise UserError(f"--seed-list: seeds are whole numbers from 0 to {MAX_SEED}, got {wrong[0]}")
-        if len(set(seeds)) != len(seeds):
-            raise UserError("--seed-list: a seed is listed twice")
-    chosen = settings.expand(args.setting or [settings.DEFAULT_SETTING])
-    n_seeds = len(seeds) if args.seed_list else (args.seeds or 5)
-    sweep = Sweep(tuple(config_axes(args.assignments, methods) + recipe_axes(
-        {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr})))
-    variants = sum(sweep.count(method) for method in methods)
-    runs = n_seeds * variants * len(chosen)
-    if runs > MAX_GRID_RUNS:
-        what = f"--seeds {n_seeds}" if variants == len(methods) else f"{variants:,} variants × {n_seeds} seeds"
-        raise UserError(f"{what}: that grid has {runs:,} runs, more than kdbench takes "
-                        f"in one command ({MAX_GRID_RUNS:,})")
-    if not args.seed_list:
-        seeds = list(range(n_seeds))
-    check_batch_size(args.batch_size, chosen)
-    checksum = None
-    if args.teacher_checkpoint is not None:
-        from kdbench.store import Store
-        from kdbench.teachers import register_checkpoint, resolve_checkpoint
-
-        if len(chosen) != 1:
-            raise UserError("--teacher-checkpoint needs exactly one --setting")
-        checkpoint = resolve_checkpoint(args.teacher_checkpoint, chosen[0])
-        if checkpoint.is_dir():
-            raise UserError(f"teacher checkpoint {checkpoint} is a directory, not a "
-                            "state_dict file")
-        if not checkpoint.is_file():
-            raise UserError(f"teacher checkpoint {checkpoint} does not exist")
-        if creating:
-            check_results_dir(args.results)
-            checksum = register_checkpoint(checkpoint, chosen[0], Store(args.results),
-                                           args.teacher_seed, getattr(args, "data_dir", None))
-        else:
-            from kdbench.store import sha256_file
-
-            checksum = sha256_file(checkpoint)
-    return Grid(tuple(s.name for s in chosen), tuple(methods), tuple(seeds), sweep,
-                args.teacher_seed, checksum, resolve_precision(args), held_out_of(args),
-                {s.name: s.spec_fields() for s in chosen}), chosen
-
-
-def held_out_of(args: argparse.Namespace) -> float | None:
-    """--select-on val holds out the validation split (kdbench/validation.py); --select-on
-    test and no --select-on train on the full training set."""
-    from kdbench.validation import VALIDATION_FRACTION
-
-    return VALIDATION_FRACTION if getattr(args, "select_on", None) == "val" else None
-
-
-def resolve_precision(args: argparse.Namespace) -> str:
-    """--precision; else bf16 where the runs get a GPU (CUDA here, or a SLURM preset that gives
-    each task one: the GPU is on the nodes), else fp32."""
-    from kdbench.spec import BF16, FP32
-
-    return args.precision or (BF16 if runs_get_gpu(args) else FP32)
-
-
-def runs_get_gpu(args: argparse.Namespace) -> bool:
-    """Whether the runs will train on a GPU: on SLURM the preset says (the GPU is on the
-    nodes, not here); otherwise --device, or this machine's CUDA."""
-    if getattr(args, "executor", None) == "slurm":
-        from kdbench.slurm_presets import resolve_preset
-
-        return resolve_preset(args.slurm, slurm_overrides(args)).gpus_per_task >= 1
-    return runs_on_gpu(args)
-
-
-# --- commands ---------------------------------------------------------------------------------
-
-def command_run(args: argparse.Namespace) -> int:
-    from kdbench import data
-    from kdbench.grid import state_of
-    from kdbench.store import Store
-
-    grid, chosen = grid_from_args(args, creating=False)
-    check_runs_per_gpu(args)
-    check_device(args)
-    if args.data_dir is not None and not args.data_dir.is_dir():
-        raise UserError(f"--data-dir {args.data_dir} does not exist")
-    if args.loader_workers is not None and not 0 <= args.loader_workers <= MAX_LOADER_WORKERS:
-        raise UserError(f"--loader-workers: from 0 (load in the training process) to "
-                        f"{MAX_LOADER_WORKERS}, got {args.loader_workers}")
-    missing_data = []
-    for setting in chosen:
-        try:
-            data.require_data(setting.dataset, setting.dataset_options, args.data_dir)
-        except UserError as error:
-            if not args.dry_run:
-                raise
-            missing_data.append(str(error))  # a dry run plans the grid all the same
-    if args.tensorboard:
-        from kdbench.logs import require_tensorboard
-
-        require_tensorboard()
-    if args.dry_run:
-        check_could_create(args.results, "results directory")  # and create nothing
-    else:
-        check_results_dir(args.results)
-        if args.teacher_checkpoint is not None:
-            grid, chosen = grid_from_args(args, creating=True)
-    store = Store(args.results)
-    for path, reason in store.corrupt_records():
-        print(f"kdbench: warning: skipped {reason}", file=sys.stderr)
-    students = grid.students()
-    # Teachers are trained (or a given checkpoint evaluated) even when only the baseline runs:
-    # the teacher row belongs in every table.
-    teachers = grid.teachers()
-    teacher_states = [state_of(spec, store) for spec in teachers]
-    todo_teachers = [state.spec for state in teacher_states if state.state != "done"]
-    student_states = [state_of(spec, store) for spec in students]
-    retrain = check_stale(args, student_states, store)
-    todo_students = [state.spec for state in student_states
-                     if state.state != "done" or state.spec.id in retrain]
-    stored = len(students) - len(todo_students)
-    total = len(students)
-    variants = grid.variant_count()
-    of_methods = (f"{len(grid.methods)} methods" if variants == len(grid.methods)
-                  else f"{variants} variants of {len(grid.methods)} methods")
-    print(f"kdbench: {total} student runs ({of_methods} × {len(grid.seeds)} seeds × "
-          f"{len(grid.settings)} setting{'s' if len(grid.settings) > 1 else ''}); "
-          f"{stored} already stored, {len(todo_students)} to train"
-          + (f", plus {len(todo_teachers)} teacher{'s' if len(todo_teachers) > 1 else ''}" if todo_teachers else "")
-          + f"; results in {args.results}/", flush=True)
-    for state in teacher_states:
-        if state.state == "missing" and state.error:  # e.g. its weights file went missing
-            print(f"kdbench: {state.spec.label()}: {state.error}", flush=True)
-    failed = []
-    submitted = []
-    if not todo_students and not todo_teachers:
-        print("kdbench: nothing to train: every result is stored", flush=True)
-    elif args.dry_run:
-        for spec in todo_teachers + todo_students:
-            print(f"  would run {spec.label()} ({spec.id})")
-        for line in missing_data:
-            print(f"kdbench: note: a real run would stop here: {line}", file=sys.stderr)
-        return 0
-    else:
-        results = launch_grid(args, todo_teachers, todo_students, chosen)
-        # "submitted": queued on SLURM with --no-wait; not a failure, not a result yet.
-        submitted = [result for result in results if result.status == "submitted"]
-        failed = [result for result in results if result.status not in ("done", "submitted")]
-        if submitted:
-            flags = f"--results {args.results}"
-            print(f"kdbench: {len(submitted)} run{'s' if len(submitted) > 1 else ''} submitted to SLURM; "
-                  f"follow with `python -m kdbench status {flags}`, tabulate what has finished with "
-                  f"`python -m kdbench table {flags}`", flush=True)
-        if failed:
-            print(f"kdbench: {len(failed)} run{'s' if len(failed) > 1 else ''} failed "
-                  "(`kdbench status` shows them with their errors; re-running retries them):",
-                  file=sys.stderr)
-            for result in failed:
-                print(f"  {result.spec.label()} ({result.spec.id}): {result.error}", file=sys.stderr)
-    if not args.no_table and not submitted:
-        print()
-        try:
-            print_grid_table(grid, store, args.select_on)
-        except UserError as error:  # e.g. every run failed: nothing to tabulate
-            print(f"kdbench: no table: {error}", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def check_stale(args: argparse.Namespace, states: list, store) -> set[str]:
-    """Stored results made by other code than the installed (kdbench/staleness.py): one line
-    per method, and the user's choice. Returns the ids to retrain.
-
-    Without --retrain-stale or --keep-stale it stops before anything is trained or written
-    (exit 2): a re-run would otherwise either mix two versions in one table or discard
-    results that took hours, and only the user knows which is meant. --retrain-stale moves
-    the old records to runs/stale/ (never deleted) before the runs are redone."""
-    from kdbench.grid import stale_lines, stale_runs
-
-    stale = stale_runs(states)
-    if not stale:
-        return set()
-    choice = ("--retrain-stale retrains them, --keep-stale keeps them" if not (args.retrain_stale or args.keep_stale)
-              else "retraining them (--retrain-stale)" if args.retrain_stale else "kept (--keep-stale)")
-    for line in stale_lines(stale):
-        print(f"kdbench: {line}; {choice}", file=sys.stderr, flush=True)
-    count = sum(len(runs) for runs in stale.values())
-    if not (args.retrain_stale or args.keep_stale):
-        raise UserError(f"{count} stored result{'s were' if count != 1 else ' was'} made by other code "
-                        "than the installed (above): choose --retrain-stale or --keep-stale; nothing was run")
-    if args.keep_stale:
-        return set()
-    ids = {state.spec.id for runs in stale.values() for state in runs}
-    if not args.dry_run:
-        for run_id in sorted(ids):
-            store.set_aside(run_id)
-        print(f"kdbench: {count} stale record{'s' if count != 1 else ''} moved to {store.stale_dir}/",
-              file=sys.stderr, flush=True)
-    return ids
-
-
-def print_grid_table(grid, store, select_on: str | None = None) -> None:
-    """The table of this grid's runs alone: the results directory may hold other experiments
-    (other epochs, precisions, configs) that `kdbench table` would have to be told apart."""
-    from kdbench.aggregate import summarize
-    from kdbench.store import CorruptRecord
-    from kdbench.tables import Layout, render_markdown
-
-    records = []
-    for spec in grid.teachers() + grid.students():
-        try:
-            record = store.read(spec.id)
-        except CorruptRecord:
-            continue  # named at the start of the command
-        if record is not None:
-            records.append(record)
-    if not records:
-        raise UserError("no run of this grid is stored")
-    summary = summarize(records, settings=list(grid.settings), methods=list(grid.methods),
-                        precision=grid.precision, select_on=select_on)
-    sys.stdout.write(render_markdown(summary, Layout()))
-    sys.stdout.flush()
-
-
-def runs_on_gpu(args: argparse.Namespace) -> bool:
-    import torch
-
-    device = getattr(args, "device", None)  # `status` has no --device: this machine's default
-    return (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-
-
-def check_runs_per_gpu(args: argparse.Namespace) -> None:
-    """--runs-per-gpu is the local executor's runs at once (--jobs) when the runs use a GPU,
-    and the SLURM preset's runs_per_task when its tasks get a GPU each."""
-    if args.runs_per_gpu is None:
-        return
-    if args.executor not in ("local", "slurm"):
-        raise UserError(f"--runs-per-gpu applies to the local and slurm executors, not --executor {args.executor}")
-    if args.jobs is not None:
-        raise UserError("--runs-per-gpu and --jobs both set how many runs go at once: give one")
-    if args.executor == "slurm":
-        from kdbench.slurm_presets import resolve_preset
-
-        if any(override.partition("=")[0].strip() == "runs_per_task" for override in args.slurm_overrides):
-            raise UserError("--runs-per-gpu and --slurm-set runs_per_task both set the runs of one "
-                            "SLURM task: give one")
-        # The GPU is on the nodes, not here: the preset says whether the tasks get one.
-        preset = resolve_preset(args.slurm, args.slurm_overrides)
-        if preset.gpus_per_task < 1:
-            raise UserError(f"--runs-per-gpu with --executor slurm needs a preset that gives each task "
-                            f"a GPU, but {preset.source} has gpus_per_task = {preset.gpus_per_task}; "
-                            f"to share a CPU task, use --slurm-set runs_per_task={args.runs_per_gpu}")
-        return
-    if not runs_on_gpu(args):
-        raise UserError("--runs-per-gpu needs a CUDA device (these runs use the CPU); "
-                        "on the CPU, --jobs sets the runs at once")
-
-
-def slurm_overrides(args: argparse.Namespace) -> list[str]:
-    """--slurm-set, plus runs_per_task from --runs-per-gpu (checked by check_runs_per_gpu)."""
-    if args.executor == "slurm" and args.runs_per_gpu is not None:
-        return [*args.slurm_overrides, f"runs_per_task={args.runs_per_gpu}"]
-    return list(args.slurm_overrides)
-
-
-def launch_grid(args: argparse.Namespace, teachers, students, chosen) -> list:
-    from kdbench.launch import make_executor, usable_cores
-    from kdbench.progress import ProgressDisplay
-    from kdbench.train import TrainOptions
-
-    on_gpu = runs_on_gpu(args)
-    cores = usable_cores()
-    # Several runs in flight share one GPU when one small run cannot fill it; each is its own
-    # process with its own RunSpec seed and data order, so sharing changes no run's batches.
-    jobs = args.runs_per_gpu or args.jobs or (1 if on_gpu else min(2, cores))
-    options = TrainOptions(device=args.device, compile=args.compile, data_dir=args.data_dir,
-                           deterministic=args.deterministic, keep=args.keep,
-                           tensorboard=args.tensorboard, loader_workers=args.loader_workers)
-    from kdbench.progress import start_estimate
-    from kdbench.store import Store
-
-    # Epoch times measured by the runs this directory holds: the start estimate, and the
-    # display's time left until this grid has measured its own.
-    records = list(Store(Path(args.results)).records()) if Path(args.results).is_dir() else []
-    device = "cuda" if on_gpu else "cpu"
-    measured = start_estimate(teachers + students, records, jobs, device) if args.executor != "slurm" else None
-    if measured:
-        print(measured, file=sys.stderr, flush=True)
-    elif not on_gpu and args.executor != "slurm":
-        from kdbench.estimate import cpu_cost_warning
-
-        warning = cpu_cost_warning(teachers, students, chosen, jobs, args.data_dir)
-        if warning:
-            print(warning, file=sys.stderr, flush=True)
-    display = ProgressDisplay(teachers + students, jobs=jobs, records=records, device=device)
-    executor = make_executor(args.executor, jobs=jobs, display=display, preset=args.slurm,
-                             preset_overrides=slurm_overrides(args), wait=not args.no_wait,
-                             snapshot=args.snapshot)
-    try:
-        return executor.run(teachers, students, args.results, options)
-    finally:
-        display.close()
-
-
 def command_list(args: argparse.Namespace) -> int:
     from kdbench import registry
 
@@ -594,13 +218,15 @@ def listed_architectures() -> list[str]:
     return list(named)
 
 
-def command_status(args: argparse.Namespace) -> int:
-    from kdbench.status import print_status
+# The commands that act on a plan (kdbench.plan.resolve_plan), as "module:function": imported
+# when that command runs, so this module imports no command's, and none needs this one (the
+# plan they take is kdbench.plan's; `status` once imported the command line back for its grid).
+PLANNED = {"run": "kdbench.run_grid:run_plan", "status": "kdbench.status:print_status"}
 
-    return print_status(args)
 
-
-COMMANDS = {"run": command_run, "list": command_list, "status": command_status}
+def planned_command(name: str) -> Callable[..., int]:
+    module, function = PLANNED[name].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -617,11 +243,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             command = args.command
             if args.command == "table":
                 from kdbench.report import table_command
+                from kdbench.writable import check_could_create
 
                 if args.out:
                     check_could_create(Path(args.out), "table --out")
                 return table_command(args, ["kdbench", *argv] if argv is not None else None)
-            return COMMANDS[args.command](args)
+            if args.command == "list":
+                return command_list(args)
+            return planned_command(args.command)(resolve_plan(args))
     except UserError as error:
         print(f"kdbench: error: {error}", file=sys.stderr)
         return EXIT_USAGE

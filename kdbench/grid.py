@@ -29,12 +29,17 @@ class Grid:
     # Per setting name, what its specs hold besides the name (kdbench.settings.Setting.spec_fields:
     # its content hash, and a user's setting's content); none for an unchanged built-in.
     setting_fields: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The processes each student run trains across (--gpus-per-run; kdbench/distributed.py)
+    # and whether their BatchNorms are synchronised (--sync-bn).
+    processes: int = 1
+    sync_bn: bool = False
 
     def students(self) -> list[RunSpec]:
         return [
             RunSpec(setting, method, seed, STUDENT, dict(variant.config), dict(variant.overrides),
                     self.teacher_seed, self.teacher_checkpoint, self.precision, self.held_out,
-                    **self.setting_fields.get(setting, {}))
+                    **self.setting_fields.get(setting, {}), processes=self.processes,
+                    sync_bn=self.sync_bn)
             for setting in self.settings for method in self.methods
             for variant in self.sweep.variants(method) for seed in self.seeds
         ]

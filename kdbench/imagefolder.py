@@ -284,6 +284,9 @@ class FolderStream:
         self.scale = (1.0 / (255.0 * std)).view(shape).to(device)
         self.shift = (-mean / std).view(shape).to(device)
         self._batches = EpochBatches()
+        # A run across several processes (kdbench/distributed.py): the rank whose part of each
+        # global batch this stream loads (``take_shard``); None: the whole batch.
+        self.ranks = None
         self._train_loader: DataLoader | None = None
         self._val_loader: DataLoader | None = None
 
@@ -312,6 +315,17 @@ class FolderStream:
     def normalise(self, images: Tensor) -> Tensor:
         return images.float() * self.scale + self.shift
 
+    def take_shard(self, ranks) -> None:
+        """From now on, load only ``ranks``' part of every global batch (distributed.shard's
+        part, the same images as the whole batch's slice: each sample has its own seed), and
+        skip the batches every rank skips (distributed.trains_on): a rank decodes 1/W of the
+        images, not all of them."""
+        self.ranks = ranks
+
+    @property
+    def sharded(self) -> bool:
+        return self.ranks is not None and self.ranks.distributed
+
     def _loader(self, dataset, **kwargs) -> DataLoader:
         return DataLoader(dataset, num_workers=self.workers, pin_memory=self.device.type == "cuda",
                           persistent_workers=self.workers > 0, **kwargs)
@@ -325,6 +339,12 @@ class FolderStream:
         keys = list(zip(order.tolist(), seeds.tolist()))
         self._batches.batches = [keys[step * self.batch_size:(step + 1) * self.batch_size]
                                  for step in range(self.steps_per_epoch)]
+        if self.sharded:
+            from kdbench.distributed import shard, trains_on
+
+            self._batches.batches = [
+                [batch[position] for position in shard(torch.arange(len(batch)), self.ranks).tolist()]
+                for batch in self._batches.batches if trains_on(len(batch), self.ranks)]
         if self._train_loader is None:
             options = self.source.options
             images = TrainImages(self.source.train, self.source.positions, options.image_size, self.flip)

@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,7 +28,7 @@ from kdbench.progress import ProgressDisplay
 from kdbench.spec import RunSpec
 from kdbench.store import Store
 from kdbench.train import TrainOptions
-from kdbench.worker import run_job
+from kdbench.worker import run_group_job, run_job
 
 
 @dataclass
@@ -70,7 +70,8 @@ class Executor(Protocol):
 
 
 class InProcessExecutor:
-    """Runs every spec in this process, in order. For tests and debugging."""
+    """Runs every spec in this process, in order. For tests and debugging; not a run across
+    several processes (kdbench.plan says so before anything runs)."""
 
     def __init__(self, display: ProgressDisplay | None = None) -> None:
         self.display = display
@@ -125,37 +126,69 @@ def death_cause(exitcode: int | None) -> str:
     return f"worker process exited with code {exitcode} without a result"
 
 
-def _worker_main(spec_json: dict, results: str, options: dict, sender, launcher_pid: int) -> None:
-    """A worker process: one run, its progress and outcome sent back through ``sender``."""
+def _worker_main(spec_jsons: list[dict], results: str, options: dict, sender, launcher_pid: int) -> None:
+    """A worker process: one group of runs (kdbench.worker.run_group_job; a teacher, or a run
+    with --no-group, is a group of one), each run's progress and outcome sent back through
+    ``sender`` as ("event", run id, event) and ("outcome", outcome)."""
     from kdbench.console import ascii_where_needed
     from kdbench.interrupt import Interrupted, become_worker
 
     try:
         become_worker(launcher_pid)
         ascii_where_needed()
-        outcome = run_job(spec_json, results, options, lambda event: sender.send(("event", event)))
-        sender.send(("outcome", outcome))
+        run_group_job(spec_jsons, results, options,
+                      lambda run_id, event: sender.send(("event", run_id, event)),
+                      lambda outcome: sender.send(("outcome", outcome)))
     except Interrupted as interrupt:  # stopped by the launcher, or the launcher died
         sys.exit(interrupt.exit_code)
 
 
+def student_groups(students: list[RunSpec], group: bool = True,
+                   group_size: int | None = None) -> list[list[RunSpec]]:
+    """The students as the groups that train together (kdbench.train.group_key: one setting,
+    seed, precision, recipe and teacher), in the order their first runs come; with
+    ``group=False`` one run per group (``--no-group``). ``group_size`` (``--group-size``) caps
+    a group: the runs of a larger one go in consecutive chunks of at most that many. Runs of a
+    group finish together (lockstep), so smaller groups store their records sooner, which is
+    what a machine lent for a few hours at a time needs; each run's record is the same."""
+    from kdbench.train import group_key
+
+    if not group:
+        return [[spec] for spec in students]
+    groups: dict[tuple, list[RunSpec]] = {}
+    for spec in students:
+        # A run across several processes trains alone (kdbench/ranks.py).
+        key = group_key(spec) if spec.processes == 1 else ("alone", spec.id)
+        groups.setdefault(key, []).append(spec)
+    size = group_size or max((len(members) for members in groups.values()), default=1)
+    return [members[start:start + size] for members in groups.values()
+            for start in range(0, len(members), size)]
+
+
 @dataclass
 class Worker:
-    spec: RunSpec
+    specs: list[RunSpec]  # the runs of its group
     process: Any  # multiprocessing's SpawnProcess
     receiver: Any  # multiprocessing.connection.Connection
-    outcome: dict[str, Any] | None = None
+    outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)  # by run id
+
+    @property
+    def label(self) -> str:
+        first = self.specs[0].label()
+        return first if len(self.specs) == 1 else f"{first} and {len(self.specs) - 1} more"
 
 
 class LocalExecutor:
-    """Subprocesses on this machine, ``jobs`` runs at a time, supervised from here.
+    """Subprocesses on this machine, ``jobs`` at a time, supervised from here.
 
-    A fresh process per run (spawn): a crash, a leak or a changed global (threads, cuDNN
-    flags) in one run cannot touch another, as on a cluster. Each worker sends its progress and
-    outcome through its own pipe; nothing else is shared (no Manager, no pool), so:
+    A fresh process per group of runs (spawn; kdbench.train.train_group: the runs of one
+    setting and seed train in lockstep with one teacher forward per batch; ``group=False``,
+    ``--no-group``: one run per process): a crash, a leak or a changed global (threads, cuDNN
+    flags) in one process cannot touch another, as on a cluster. Each worker sends its runs'
+    progress and outcomes through its own pipe; nothing else is shared (no Manager, no pool), so:
 
     - a worker that dies without a result (SIGKILL from the out-of-memory killer, a segfault)
-      fails its own run, stored with the cause, and the others go on;
+      fails its own runs that had not ended, stored with the cause, and the others go on;
     - Ctrl-C or SIGTERM stops every worker within seconds (SIGTERM; SIGKILL after STOP_GRACE_S),
       starts nothing more, and leaves the finished epochs' checkpoints to resume from; a
       worker whose launcher dies, even by SIGKILL, is stopped by the kernel (kdbench.interrupt);
@@ -165,16 +198,19 @@ class LocalExecutor:
 
     STOP_GRACE_S = 10.0
 
-    def __init__(self, jobs: int = 1, display: ProgressDisplay | None = None) -> None:
+    def __init__(self, jobs: int = 1, display: ProgressDisplay | None = None, group: bool = True,
+                 group_size: int | None = None) -> None:
         self.jobs = max(1, jobs)
         self.display = display
+        self.group = group
+        self.group_size = group_size
 
     def run(self, teachers: list[RunSpec], students: list[RunSpec], results: Path,
             options: TrainOptions) -> list[Result]:
         store = Store(Path(results))
         payload = options_json(self._with_threads(options))
         context = multiprocessing.get_context("spawn")
-        queue = list(teachers) + list(students)
+        queue = [[spec] for spec in teachers] + student_groups(list(students), self.group, self.group_size)
         teacher_ids = {spec.id for spec in teachers}
         teacher_outcomes: dict[str, dict[str, Any]] = {}
         outcomes: list[Result] = []
@@ -182,23 +218,24 @@ class LocalExecutor:
         try:
             while queue or workers:
                 while len(workers) < self.jobs:
-                    spec = self._next(queue, teacher_ids, teacher_outcomes, store, outcomes)
-                    if spec is None:
+                    group = self._next(queue, teacher_ids, teacher_outcomes, store, outcomes)
+                    if group is None:
                         break
-                    workers.append(self._start(context, spec, results, payload))
+                    workers.append(self._start(context, group, results, payload))
                 if not workers:
                     if queue:
-                        raise RuntimeError(f"runs that can never start: {[spec.label() for spec in queue]}")
+                        raise RuntimeError("runs that can never start: "
+                                           f"{[spec.label() for group in queue for spec in group]}")
                     break
                 ready = multiprocessing.connection.wait([worker.receiver for worker in workers], timeout=1.0)
                 for worker in [worker for worker in workers if worker.receiver in ready]:
                     if not self._read(worker):
                         continue
                     workers.remove(worker)
-                    outcome = self._end(worker, store)
-                    if worker.spec.id in teacher_ids:
-                        teacher_outcomes[worker.spec.id] = outcome
-                    outcomes.append(Result(worker.spec, outcome["status"], outcome.get("error")))
+                    for spec, outcome in zip(worker.specs, self._end(worker, store)):
+                        if spec.id in teacher_ids:
+                            teacher_outcomes[spec.id] = outcome
+                        outcomes.append(Result(spec, outcome["status"], outcome.get("error")))
         except BaseException:  # Ctrl-C, SIGTERM (kdbench.interrupt), or a bug here
             self._stop(workers)
             raise
@@ -216,74 +253,94 @@ class LocalExecutor:
             return options
         return TrainOptions(**{**asdict(options), "threads": threads_per_run(self.jobs)})
 
-    def _next(self, queue: list[RunSpec], teacher_ids: set[str], teacher_outcomes: dict[str, dict],
-              store: Store, outcomes: list[Result]) -> RunSpec | None:
-        """Take the next run to start off the queue, or None when none can start now. A student
-        starts after its teacher succeeded; when it failed, the student fails without starting.
-        Runs that another launch trains now come last."""
+    def _next(self, queue: list[list[RunSpec]], teacher_ids: set[str],
+              teacher_outcomes: dict[str, dict], store: Store,
+              outcomes: list[Result]) -> list[RunSpec] | None:
+        """Take the next group to start off the queue, or None when none can start now. The
+        runs of a student group share one teacher: they start after it succeeded; when it
+        failed, they fail without starting. Groups with a run that another launch trains now
+        come last."""
         from kdbench.claims import held_elsewhere
 
         startable = []
-        for spec in list(queue):
-            teacher_id = spec.teacher_spec().id
-            if spec.id not in teacher_ids and teacher_id in teacher_ids:
+        for group in list(queue):
+            teacher_id = group[0].teacher_spec().id
+            if group[0].id not in teacher_ids and teacher_id in teacher_ids:
                 teacher = teacher_outcomes.get(teacher_id)
                 if teacher is None:
                     continue  # its teacher is still queued or training
                 if teacher["status"] != "done":
-                    queue.remove(spec)
-                    blocked = Result(spec, "failed", f"its teacher failed: {teacher['error']}")
-                    outcomes.append(blocked)
-                    if self.display:
-                        self.display.finish(spec.label(), "failed", blocked.error)
+                    queue.remove(group)
+                    for spec in group:
+                        blocked = Result(spec, "failed", f"its teacher failed: {teacher['error']}")
+                        outcomes.append(blocked)
+                        if self.display:
+                            self.display.finish(spec.label(), "failed", blocked.error)
                     continue
-            startable.append(spec)
+            startable.append(group)
         if not startable:
             return None
-        chosen = next((spec for spec in startable if not held_elsewhere(store, spec.id)), startable[0])
+        chosen = next((group for group in startable
+                       if not any(held_elsewhere(store, spec.id) for spec in group)), startable[0])
         queue.remove(chosen)
         return chosen
 
-    def _start(self, context, spec: RunSpec, results: Path, payload: dict[str, Any]) -> Worker:
+    def _start(self, context, group: list[RunSpec], results: Path, payload: dict[str, Any]) -> Worker:
         from kdbench.interrupt import sigint_blocked
+        from kdbench.ranks import supervisor_main
 
         receiver, sender = context.Pipe(duplex=False)
-        process = context.Process(target=_worker_main, name=f"kdbench {spec.label()}",
-                                  args=(spec.to_json(), str(results), payload, sender, os.getpid()))
+        worker = Worker(group, None, receiver)
+        # A run across several processes: a supervisor that starts its ranks (kdbench/ranks.py).
+        target = supervisor_main if group[0].processes > 1 else _worker_main
+        process = context.Process(target=target, name=f"kdbench {worker.label}",
+                                  args=([spec.to_json() for spec in group], str(results), payload,
+                                        sender, os.getpid()))
         with sigint_blocked():
             process.start()
         sender.close()  # the worker holds the other copy: EOF on the pipe means it ended
+        worker.process = process
         if self.display:
-            self.display.start(spec.label())
-        return Worker(spec, process, receiver)
+            for spec in group:
+                self.display.start(spec.label())
+        return worker
 
     def _read(self, worker: Worker) -> bool:
         """Take in what the worker sent; True once it has ended (its pipe is closed)."""
+        labels = {spec.id: spec.label() for spec in worker.specs}
         try:
             while worker.receiver.poll():
-                kind, payload = worker.receiver.recv()
+                kind, *payload = worker.receiver.recv()
                 if kind == "outcome":
-                    worker.outcome = payload
+                    [outcome] = payload
+                    worker.outcomes[outcome["id"]] = outcome
+                    if self.display:  # a run of a group is finished as soon as it ends
+                        self.display.finish(labels[outcome["id"]], outcome["status"],
+                                            finish_detail(outcome), outcome.get("top1"))
                 elif self.display:
-                    self.display.event(worker.spec.label(), payload)
+                    run_id, event = payload
+                    self.display.event(labels[run_id], event)
         except (EOFError, OSError):
             return True
         except Exception:  # a message cut off by the worker's death
             return True
         return False
 
-    def _end(self, worker: Worker, store: Store) -> dict[str, Any]:
+    def _end(self, worker: Worker, store: Store) -> list[dict[str, Any]]:
+        """One outcome per run of the worker's group: what it sent, or its death (stored)."""
         from kdbench.worker import record_death
 
         worker.process.join()
         worker.receiver.close()
-        outcome = worker.outcome
-        if outcome is None:
-            outcome = record_death(worker.spec, store, death_cause(worker.process.exitcode))
-        if self.display:
-            self.display.finish(worker.spec.label(), outcome["status"], finish_detail(outcome),
-                                outcome.get("top1"))
-        return outcome
+        outcomes = []
+        for spec in worker.specs:
+            outcome = worker.outcomes.get(spec.id)
+            if outcome is None:
+                outcome = record_death(spec, store, death_cause(worker.process.exitcode))
+                if self.display:
+                    self.display.finish(spec.label(), outcome["status"], finish_detail(outcome))
+            outcomes.append(outcome)
+        return outcomes
 
     def _stop(self, workers: list[Worker]) -> None:
         """SIGTERM to every worker, then SIGKILL to any still there after STOP_GRACE_S; ignoring
@@ -309,11 +366,12 @@ EXECUTORS = ("local", "inprocess", "slurm")
 
 def make_executor(name: str, jobs: int = 1, display: ProgressDisplay | None = None,
                   preset: str = "default", preset_overrides: list[str] | None = None,
-                  wait: bool = True, snapshot: bool = False) -> Executor:
+                  wait: bool = True, snapshot: bool = False, group: bool = True,
+                  group_size: int | None = None) -> Executor:
     if name == "inprocess":
         return InProcessExecutor(display)
     if name == "local":
-        return LocalExecutor(jobs, display)
+        return LocalExecutor(jobs, display, group, group_size)
     if name == "slurm":
         try:
             from kdbench.slurm import make_slurm_executor
@@ -322,7 +380,7 @@ def make_executor(name: str, jobs: int = 1, display: ProgressDisplay | None = No
                 raise
             raise UserError("--executor slurm needs submitit, which is not installed here "
                             "(pip install submitit)") from None
-        return make_slurm_executor(preset, preset_overrides, display, wait, snapshot)
+        return make_slurm_executor(preset, preset_overrides, display, wait, snapshot, group, group_size)
     raise ValueError(name)
 
 

@@ -36,12 +36,12 @@ import torch
 
 from kdbench.errors import UserError
 from kdbench.grid import running_marker
-from kdbench.launch import Result, options_json, usable_cores
+from kdbench.launch import Result, options_json, student_groups, usable_cores
 from kdbench.progress import ProgressDisplay
 from kdbench.spec import TEACHER, RunSpec
 from kdbench.store import CorruptRecord, Store, write_atomically
 from kdbench.train import TrainOptions
-from kdbench.worker import failed_record, run_job
+from kdbench.worker import failed_record, run_group_job, run_job
 
 if TYPE_CHECKING:  # slurm_presets needs tomllib (Python 3.11): imported when SLURM is used
     from kdbench.slurm_presets import SlurmPreset
@@ -62,8 +62,11 @@ class SlurmTask(submitit.helpers.Checkpointable):
     """One SLURM job or array task: ``worker.run_job`` on a group of RunSpecs given as JSON.
 
     A group of one (a spec dict, as every job queued by kdbench before ``runs_per_task``) runs
-    in this process. A group of several (a list of spec dicts) runs as that many processes at
-    once (``_run_group``), each on its own spec with its own seed and data order.
+    in this process. A training group (``{"group": [spec dicts]}``: the runs of one setting
+    and seed, kdbench.train.group_key) trains together in this process, one teacher forward
+    per batch for all (``_train_together``). A group of several (a list of spec dicts: what
+    ``runs_per_task`` packs of the runs left alone) runs as that many processes at once
+    (``_run_group``), each on its own spec with its own seed and data order.
 
     Checkpointable: when SLURM warns of the time limit or a preemption (USR2), submitit calls
     ``checkpoint`` and requeues the job. The training state is not in this object but in each
@@ -75,7 +78,11 @@ class SlurmTask(submitit.helpers.Checkpointable):
 
     def __call__(self, specs: dict[str, Any] | list[dict[str, Any]], results: str,
                  options: dict[str, Any]) -> dict[str, Any] | list[dict[str, Any]]:
-        group = [specs] if isinstance(specs, dict) else list(specs)
+        if isinstance(specs, dict) and RUN_ACROSS in specs:
+            return _train_across(specs[RUN_ACROSS], results, options)
+        together = isinstance(specs, dict) and TRAINING_GROUP in specs
+        group = (list(specs[TRAINING_GROUP]) if together
+                 else [specs] if isinstance(specs, dict) else list(specs))
         restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
         job_id = os.environ.get("SLURM_ARRAY_JOB_ID")
         job_id = (f"{job_id}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job_id
@@ -84,9 +91,13 @@ class SlurmTask(submitit.helpers.Checkpointable):
         # which copy of the code runs (a --snapshot's or the checkout's).
         for index, spec_json in enumerate(group):
             spec = RunSpec.from_json(spec_json)
-            shared = f", run {index + 1} of {len(group)} in this task" if len(group) > 1 else ""
+            shared = (f", run {index + 1} of the {len(group)} trained together in this task"
+                      if together else f", run {index + 1} of {len(group)} in this task"
+                      if len(group) > 1 else "")
             print(f"kdbench: {spec.label()} ({spec.id}): SLURM job {job_id}, attempt {restarts + 1}"
                   f"{shared}, code from {Path(__file__).resolve().parent}", flush=True)
+        if together:
+            return _train_together(group, results, options, restarts)
         if len(group) > 1:
             return _run_group(group, results, options, restarts)
         outcome = run_job(group[0], results, options, on_progress=log_epoch, raise_on_failure=True)
@@ -97,6 +108,46 @@ class SlurmTask(submitit.helpers.Checkpointable):
     def checkpoint(self, specs: dict[str, Any] | list[dict[str, Any]], results: str,
                    options: dict[str, Any]) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(self, specs, results, options)
+
+
+# The call of a task whose runs train together in its process (kdbench.train.train_group):
+# {"group": [spec dicts]}, told apart from a spec dict (which has no such field) and from a
+# list (runs_per_task runs, one process each).
+TRAINING_GROUP = "group"
+# The call of each task of a job that trains one run across several processes (one task per
+# process, kdbench/distributed.py): {"across": spec dict}.
+RUN_ACROSS = "across"
+
+
+def _train_across(spec_json: dict[str, Any], results: str, options: dict[str, Any]) -> dict[str, Any] | None:
+    """One task (one rank) of a run across several processes. submitit's
+    TorchDistributedEnvironment exports torch.distributed's variables from SLURM's (rank = the
+    task's global rank, master = the job's first node, a port drawn from the job id, so a
+    requeued job meets at the same one); every task sees its node's GPUs and takes GPU
+    LOCAL_RANK. Rank 0 goes through run_job (claim, checkpoints, record; it raises on failure,
+    so SLURM marks the job FAILED); the others train the same run and write nothing. A rank
+    lost on SLURM fails the job's attempt: its record is stored failed, and the next `kdbench
+    run` resumes it from its checkpoint (the local launcher restarts by itself, ranks.py)."""
+    from kdbench import distributed
+    from kdbench.ranks import device_type_of
+    from kdbench.train import train
+    from kdbench.worker import train_options
+
+    environment = submitit.helpers.TorchDistributedEnvironment().export(
+        set_cuda_visible_devices=False, overwrite=True)
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    os.environ[distributed.ATTEMPT_VARIABLE] = str(restarts + 1)
+    spec = RunSpec.from_json(spec_json)
+    print(f"kdbench: {spec.label()} ({spec.id}): rank {environment.rank} of {environment.world_size}, "
+          f"master {environment.master_addr}:{environment.master_port}", flush=True)
+    with distributed.process_group(device_type_of(options)) as ranks:
+        if not ranks.is_writer:
+            train(spec, Store(Path(results)), train_options(options))
+            return None
+        outcome = run_job(spec_json, results, options, on_progress=log_epoch, raise_on_failure=True)
+    if not outcome.get("skipped"):
+        note_restarts(Store(Path(results)), outcome["id"], restarts)
+    return outcome
 
 
 class GroupRunsFailed(RuntimeError):
@@ -155,6 +206,27 @@ def _run_group(group: list[dict[str, Any]], results: str, options: dict[str, Any
     if failed:
         raise GroupRunsFailed(f"{len(failed)} of the {len(group)} runs of this task failed: " + "; ".join(
             f"{spec.label()} ({spec.id}): {outcome['error']}" for spec, outcome in failed))
+    return outcomes
+
+
+def _train_together(group: list[dict[str, Any]], results: str, options: dict[str, Any],
+                    restarts: int) -> list[dict[str, Any]]:
+    """The runs of one training group in this process, one teacher forward per batch for all
+    (kdbench.worker.run_group_job: each run stored as it ends). When all have ended, raise if
+    any failed, so that SLURM marks the task FAILED."""
+    labels = {RunSpec.from_json(spec_json).id: RunSpec.from_json(spec_json).label() for spec_json in group}
+    store = Store(Path(results))
+
+    def noted(outcome: dict[str, Any]) -> None:
+        if outcome["status"] == "done" and not outcome.get("skipped"):
+            note_restarts(store, outcome["id"], restarts)
+
+    outcomes = run_group_job(group, results, options,
+                             lambda run_id, event: log_epoch(event, labels[run_id]), noted)
+    failed = [outcome for outcome in outcomes if outcome["status"] != "done"]
+    if failed:
+        raise GroupRunsFailed(f"{len(failed)} of the {len(group)} runs of this task failed: " + "; ".join(
+            f"{labels[outcome['id']]} ({outcome['id']}): {outcome['error']}" for outcome in failed))
     return outcomes
 
 
@@ -366,8 +438,10 @@ class SlurmExecutor:
     """Teachers as single jobs, then the students of each teacher as ONE job array that SLURM
     starts only after that teacher's job succeeded (--dependency=afterok, and
     --kill-on-invalid-dep so a failed teacher cancels its students instead of leaving them
-    queued forever). Every task runs ``SlurmTask`` on up to the preset's ``runs_per_task``
-    RunSpecs as JSON (a teacher is always a task of its own); each run keeps its own
+    queued forever). Every task runs ``SlurmTask``: on one training group (the runs of one
+    setting and seed, trained together; unless ``group`` is off, ``--no-group``), or on up to
+    the preset's ``runs_per_task`` RunSpecs as JSON for the runs left alone (a teacher is
+    always a task of its own); each run keeps its own
     SlurmSubmission, with the job id of the task it shares, so following, status and failure
     records stay per run.
 
@@ -377,16 +451,24 @@ class SlurmExecutor:
     run "submitted", and ``kdbench status`` follows up."""
 
     def __init__(self, preset: SlurmPreset, display: ProgressDisplay | None = None,
-                 wait: bool = True, snapshot: bool = False) -> None:
+                 wait: bool = True, snapshot: bool = False, group: bool = True,
+                 group_size: int | None = None) -> None:
         self.preset = preset
         self.display = display
         self.wait = wait
         self.snapshot = snapshot
+        self.group = group
+        self.group_size = group_size
 
     # ---- submission --------------------------------------------------------------------------
 
-    def _executor(self, folder: Path, name: str, after: str | None) -> submitit.AutoExecutor:
+    def _executor(self, folder: Path, name: str, after: str | None,
+                  processes: int = 1) -> submitit.AutoExecutor:
+        """The executor of a grid's jobs: one task each, or for a run across ``processes``,
+        that many tasks (one per process), ``processes_per_node`` of them per node."""
         preset = self.preset
+        per_node = min(processes, preset.processes_per_node or processes)
+        nodes = -(-processes // per_node)
         # cluster="slurm" always: with cluster=None submitit picks SLURM whenever srun is on
         # PATH, and picks something else when it is not.
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
@@ -397,7 +479,7 @@ class SlurmExecutor:
             sbatch["kill-on-invalid-dep"] = "yes"
         parameters: dict[str, Any] = {
             "name": name, "timeout_min": preset.time_min, "cpus_per_task": preset.cpus_per_task,
-            "mem_gb": preset.mem_gb, "tasks_per_node": 1, "nodes": 1,
+            "mem_gb": preset.mem_gb, "tasks_per_node": per_node, "nodes": nodes,
             "slurm_partition": preset.partition, "slurm_account": preset.account,
             "slurm_qos": preset.qos, "slurm_constraint": preset.constraint,
             "slurm_array_parallelism": preset.array_parallelism,
@@ -409,7 +491,7 @@ class SlurmExecutor:
         # One task is one run on one node; --gpus-per-node rather than --gpus-per-task, which
         # some SLURM versions refuse without --ntasks.
         if preset.gpus_per_task:
-            parameters["gpus_per_node"] = preset.gpus_per_task
+            parameters["gpus_per_node"] = preset.gpus_per_task * per_node
         executor.update_parameters(**{key: value for key, value in parameters.items() if value is not None})
         return executor
 
@@ -441,15 +523,45 @@ class SlurmExecutor:
         return submitit.helpers.RsyncSnapshot(snapshot_dir=target, root_dir=root, include=untracked)
 
     def _submit(self, specs: list[RunSpec], folder: Path, results: Path, options: dict[str, Any],
-                name: str, after: str | None, runs_per_task: int = 1) -> list[SlurmSubmission]:
-        """Submit the specs in groups of up to ``runs_per_task``, one job (or array task) per
-        group; one SlurmSubmission per run, with its group's job id."""
-        executor = self._executor(folder, name, after)
+                name: str, after: str | None, runs_per_task: int = 1,
+                group: bool = False) -> list[SlurmSubmission]:
+        """Submit the specs, one job (or array task) per task: with ``group``, each training
+        group of two or more runs (kdbench.train.group_key) is one task that trains them
+        together, and the runs left alone go ``runs_per_task`` to a task, as without it (one
+        process each); one SlurmSubmission per run, with its task's job id."""
         task = SlurmTask()
-        groups = [specs[start:start + runs_per_task] for start in range(0, len(specs), runs_per_task)]
+        across = [spec for spec in specs if spec.processes > 1]
+        specs = [spec for spec in specs if spec.processes == 1]
+        submissions: list[SlurmSubmission] = []
+        for processes in sorted({spec.processes for spec in across}):
+            # Runs across several processes: one job of that many tasks each (an array of them).
+            members = [spec for spec in across if spec.processes == processes]
+            executor = self._executor(folder, name, after, processes)
+            submissions += self._send(executor, task, [[spec] for spec in members],
+                                      [{RUN_ACROSS: spec.to_json()} for spec in members],
+                                      folder, results, options, after)
+        if not specs:
+            return submissions
+        executor = self._executor(folder, name, after)
+        trained_together = [members for members in student_groups(specs, group, self.group_size) if len(members) > 1]
+        together_ids = {spec.id for members in trained_together for spec in members}
+        rest = [spec for spec in specs if spec.id not in together_ids]
+        groups = trained_together + [rest[start:start + runs_per_task]
+                                     for start in range(0, len(rest), runs_per_task)]
         # A group of one is sent as a spec dict, as by kdbench versions before runs_per_task.
-        calls = [group[0].to_json() if len(group) == 1 else [spec.to_json() for spec in group]
-                 for group in groups]
+        calls = [{TRAINING_GROUP: [spec.to_json() for spec in members]} if index < len(trained_together)
+                 else members[0].to_json() if len(members) == 1 else [spec.to_json() for spec in members]
+                 for index, members in enumerate(groups)]
+        try:
+            return submissions + self._send(executor, task, groups, calls, folder, results, options, after)
+        except BaseException:
+            cancel([submission.job_id for submission in submissions])  # all or nothing
+            raise
+
+    def _send(self, executor: submitit.AutoExecutor, task: "SlurmTask", groups: list[list[RunSpec]],
+              calls: list[Any], folder: Path, results: Path, options: dict[str, Any],
+              after: str | None) -> list[SlurmSubmission]:
+        """Submit one job (or array task) per call; one SlurmSubmission per run of its group."""
         try:
             # submitit also prints sbatch's complaint to stderr; it is in our one-line error.
             with contextlib.redirect_stderr(io.StringIO()):
@@ -506,7 +618,7 @@ class SlurmExecutor:
                         groups.setdefault(teacher_jobs.get(spec.teacher_spec().id), []).append(spec)
                 for after, group in groups.items():
                     submitted += self._submit(group, folder, results, job_options, "kdbench", after,
-                                              self.preset.runs_per_task)
+                                              self.preset.runs_per_task, self.group)
         except subprocess.CalledProcessError as error:  # git clone / rsync of --snapshot
             cancel([submission.job_id for submission in submitted])
             command = error.cmd if isinstance(error.cmd, str) else " ".join(map(str, error.cmd))
@@ -629,7 +741,8 @@ def source_root() -> Path:
 
 def make_slurm_executor(preset: str = "default", preset_overrides: list[str] | None = None,
                         display: ProgressDisplay | None = None, wait: bool = True,
-                        snapshot: bool = False) -> SlurmExecutor:
+                        snapshot: bool = False, group: bool = True,
+                        group_size: int | None = None) -> SlurmExecutor:
     """A SlurmExecutor, after checking everything a user can get wrong, before anything is
     submitted."""
     from kdbench.slurm_presets import resolve_preset
@@ -642,4 +755,4 @@ def make_slurm_executor(preset: str = "default", preset_overrides: list[str] | N
         if not submitit.helpers.RsyncSnapshot.available():
             raise UserError("--snapshot needs rsync (e.g. apt-get install rsync)")
         source_root()
-    return SlurmExecutor(slurm_preset, display, wait, snapshot)
+    return SlurmExecutor(slurm_preset, display, wait, snapshot, group, group_size)

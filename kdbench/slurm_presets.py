@@ -46,6 +46,9 @@ class SlurmPreset:
     # Student runs trained at once by one array task (each its own process, seed and data order,
     # sharing the task's GPUs and CPUs): for runs too small to fill a GPU alone.
     runs_per_task: int = 1
+    # The processes of one run across several (--gpus-per-run N: one SLURM task each) that go
+    # on one node; 0: all N on one node. N = 8 with 4 here is 2 nodes of 4 tasks.
+    processes_per_node: int = 0
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
@@ -75,6 +78,7 @@ FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "time_min": ((int,), "a whole number of minutes"),
     "array_parallelism": ((int,), "a whole number"),
     "runs_per_task": ((int,), "a whole number"),
+    "processes_per_node": ((int,), "a whole number"),
     "account": ((str,), "a string"),
     "qos": ((str,), "a string"),
     "constraint": ((str,), "a string"),
@@ -85,7 +89,7 @@ FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "sbatch": ((dict,), "a table of sbatch options"),
 }
 MINIMUM = {"gpus_per_task": 0, "cpus_per_task": 1, "mem_gb": 0.001, "time_min": 1,
-           "array_parallelism": 1, "runs_per_task": 1, "signal_delay_s": 0, "max_requeues": 0}
+           "array_parallelism": 1, "runs_per_task": 1, "processes_per_node": 0, "signal_delay_s": 0, "max_requeues": 0}
 
 
 def _check_value(name: str, value: Any, where: str) -> Any:

@@ -49,12 +49,24 @@ class RunSpec:
     # can happen where the file is not (a SLURM node, a spawned worker). Not part of the id:
     # setting_sha256 is; kdbench.settings.for_spec checks the two agree.
     setting_content: dict[str, Any] | None = None
+    # The processes one run trains across (DistributedDataParallel, kdbench/distributed.py):
+    # its world size. Part of the run's identity: each process computes its BatchNorm
+    # statistics and its batch-relational losses on its 1/W shard of every batch, so W = 2 is
+    # another experiment than W = 1. 1 is left out of the JSON, so the runs made before keep
+    # their ids; so is ``sync_bn`` when False.
+    processes: int = 1
+    # SyncBatchNorm across the processes (--sync-bn): batch statistics over the global batch.
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.held_out is not None and not (isinstance(self.held_out, float) and 0 < self.held_out < 1):
             raise ValueError(f"held_out must be a fraction in (0, 1) or None, got {self.held_out!r}")
+        if not (isinstance(self.processes, int) and self.processes >= 1):
+            raise ValueError(f"processes must be a whole number >= 1, got {self.processes!r}")
+        if self.sync_bn and self.processes == 1:
+            raise ValueError("sync_bn needs processes > 1")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -63,6 +75,10 @@ class RunSpec:
         for key in ("held_out", "setting_sha256", "setting_content"):  # left out when None:
             if data[key] is None:                                       # the ids made before stay
                 del data[key]
+        if data["processes"] == 1:
+            del data["processes"]
+        if not data["sync_bn"]:
+            del data["sync_bn"]
         return data
 
     @classmethod
@@ -78,7 +94,8 @@ class RunSpec:
     def teacher_spec(self) -> "RunSpec":
         """The teacher run this student run distils from. Teachers are trained in fp32 at
         every precision: one teacher serves a bf16 and an fp32 grid, so the two differ only in
-        the students' arithmetic."""
+        the students' arithmetic. Teachers train in one process at every world size too: one
+        teacher serves the students of any ``processes``."""
         return RunSpec(self.setting, TEACHER_METHOD, self.teacher_seed, role=TEACHER,
                        teacher_checkpoint=self.teacher_checkpoint,
                        setting_sha256=self.setting_sha256, setting_content=self.setting_content)
@@ -91,7 +108,9 @@ class RunSpec:
             fields.append(f"held-out {self.held_out:.0%}")
         variant = f" [{', '.join(fields)}]" if fields else ""
         arithmetic = "" if self.precision == FP32 else f" ({self.precision})"
-        return f"{self.setting} {what} seed {self.seed}{variant}{arithmetic}"
+        processes = "" if self.processes == 1 else (
+            f" ×{self.processes} processes" + (", SyncBN" if self.sync_bn else ""))
+        return f"{self.setting} {what} seed {self.seed}{variant}{arithmetic}{processes}"
 
 
 def record_precision(record: dict[str, Any]) -> str:

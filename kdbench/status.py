@@ -14,15 +14,17 @@ memory and shows in the next status too.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from kdbench.grid import RunState, stale_lines, stale_runs, state_of, with_baseline
 from kdbench.spec import FP32, PRECISIONS, TEACHER, RunSpec
 from kdbench.store import Store
+
+if TYPE_CHECKING:
+    from kdbench.plan import Plan
 
 # "stale": stored and done, but made by other code than the installed (kdbench/staleness.py);
 # `run` asks whether to retrain or keep them. "done" counts the others.
@@ -135,20 +137,20 @@ def listing_order(states: list[RunState], settings_order: Sequence[str] = (),
     return sorted(states, key=key)
 
 
-def print_status(args: argparse.Namespace) -> int:
-    from kdbench.cli import grid_from_args
+def print_status(plan: Plan) -> int:
+    """The status of the plan's grid, or of everything its results directory holds when the
+    plan has no grid (`status` without grid arguments)."""
     from kdbench.errors import UserError
 
-    results = Path(args.results)
+    results = plan.results
     store = Store(results)
-    if args.methods or args.setting or args.seeds or args.seed_list:
-        grid, _ = grid_from_args(args, creating=False)
-        states = grid_states(grid, store, precision_given=args.precision is not None)
-        order: tuple[Sequence[str], Sequence[str]] = (grid.settings, grid.methods)
+    if plan.grid is not None:
+        states = grid_states(plan.grid, store, precision_given=plan.precision_given)
+        order: tuple[Sequence[str], Sequence[str]] = (plan.grid.settings, plan.grid.methods)
     else:
         jobs_dir = results / "slurm" / "jobs"
         if not store.runs_dir.is_dir() and not jobs_dir.is_dir():
-            raise UserError(f"no results in {args.results} (no runs/ directory, nothing submitted)")
+            raise UserError(f"no results in {results} (no runs/ directory, nothing submitted)")
         states = stored_states(store) if store.runs_dir.is_dir() else []
         known = {state.spec.id for state in states}
         order = ((), ())

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kdbench.grid import running_marker
+from kdbench.claims import try_claim
 from kdbench.spec import TEACHER, RunSpec
 from kdbench.store import Store, write_atomically
 from kdbench.students import student_path
-from kdbench.train import ProgressCallback, TrainOptions, train
+from kdbench.train import ProgressCallback, TrainOptions, group_key, train, train_group
 
 
 def failed_record(spec: RunSpec, error: BaseException, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -78,6 +79,15 @@ def stored_already(spec: RunSpec, store: Store) -> bool:
     return teacher_ready(spec, store) if spec.role == TEACHER else store.is_done(spec.id)
 
 
+def train_options(given: dict[str, Any] | None) -> TrainOptions:
+    """TrainOptions from their JSON. Only the fields this version has: a job queued by an older
+    one may carry others (precision, now part of its spec)."""
+    given = given or {}
+    known = {field.name for field in fields(TrainOptions)}
+    return TrainOptions(**{**{key: value for key, value in given.items() if key in known},
+                           "data_dir": Path(given["data_dir"]) if given.get("data_dir") else None})
+
+
 def run_job(spec_json: dict[str, Any], results: str, options_json: dict[str, Any] | None = None,
             on_progress: ProgressCallback | None = None, raise_on_failure: bool = False) -> dict[str, Any]:
     """Run one spec unless its result is stored. Returns {id, status, error}.
@@ -94,12 +104,7 @@ def run_job(spec_json: dict[str, Any], results: str, options_json: dict[str, Any
 
     spec = RunSpec.from_json(spec_json)
     store = Store(Path(results))
-    given = options_json or {}
-    # Only the fields this version has: a job queued by an older one may carry others
-    # (precision, now part of its spec).
-    known = {field.name for field in fields(TrainOptions)}
-    options = TrainOptions(**{**{key: value for key, value in given.items() if key in known},
-                              "data_dir": Path(given["data_dir"]) if given.get("data_dir") else None})
+    options = train_options(options_json)
     report = on_progress or (lambda event: None)
     with claim(store, spec.id, on_wait=lambda: report({"event": "waiting"})):
         remove_leftovers(store, spec.id)
@@ -126,3 +131,84 @@ def run_job(spec_json: dict[str, Any], results: str, options_json: dict[str, Any
         finally:
             torch.set_num_threads(threads)
             marker.unlink(missing_ok=True)
+
+
+GroupProgress = Callable[[str, dict[str, Any]], None]  # (run id, event)
+
+
+def run_group_job(spec_jsons: list[dict[str, Any]], results: str,
+                  options_json: dict[str, Any] | None = None,
+                  on_progress: GroupProgress | None = None,
+                  on_outcome: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Train the runs of one group together (kdbench.train.train_group) unless stored, each
+    under its own claim; one outcome per spec, in their order, as run_job returns them.
+
+    Each run's record (or failed record) is stored as soon as it ends, and ``on_outcome`` is
+    told then. A run whose claim another process holds leaves the group: after the group, it
+    goes through run_job, which waits for that process and then finds the run stored, or
+    resumes it. A teacher, and a registered teacher checkpoint, go through run_job too."""
+    import contextlib
+    import os
+
+    import torch
+
+    specs = [RunSpec.from_json(spec_json) for spec_json in spec_jsons]
+    store = Store(Path(results))
+    options = train_options(options_json)
+    report = on_progress or (lambda run_id, event: None)
+    told = on_outcome or (lambda outcome: None)
+    outcomes: dict[str, dict[str, Any]] = {}
+
+    def tell(spec: RunSpec, outcome: dict[str, Any]) -> None:
+        outcomes[spec.id] = outcome
+        told(outcome)
+
+    if len({group_key(spec) for spec in specs}) > 1:
+        raise ValueError("run_group_job: the specs are not one group (kdbench.train.group_key)")
+    # Teachers are trained one per job (the launcher groups students only).
+    waiting: list[RunSpec] = [spec for spec in specs if spec.role == TEACHER]
+    threads = torch.get_num_threads()  # train_group sets the group's; restored for what follows
+    with contextlib.ExitStack() as held:
+        members: list[RunSpec] = []
+        for spec in specs:
+            if spec in waiting:
+                continue
+            if not held.enter_context(try_claim(store, spec.id)):
+                waiting.append(spec)  # trained by another process now
+                continue
+            remove_leftovers(store, spec.id)
+            if stored_already(spec, store):
+                store.checkpoint_path(spec.id).unlink(missing_ok=True)  # a kill came after the record
+                tell(spec, {"id": spec.id, "status": "done", "error": None, "skipped": True})
+                continue
+            marker = running_marker(store, spec.id)
+            write_atomically(marker, f"{socket.gethostname()} {os.getpid()}\n".encode())
+            held.callback(marker.unlink, missing_ok=True)
+            members.append(spec)
+
+        def finished(spec: RunSpec, outcome: dict[str, Any] | Exception) -> None:
+            if isinstance(outcome, Exception):
+                store.write(failed_record(spec, outcome))
+                tell(spec, {"id": spec.id, "status": "failed",
+                            "error": f"{type(outcome).__name__}: {outcome}"})
+            else:
+                store.write(outcome)
+                store.checkpoint_path(spec.id).unlink(missing_ok=True)  # the record is the result now
+                tell(spec, {"id": spec.id, "status": "done", "error": None,
+                            "top1": (outcome.get("metrics") or {}).get("top1_last")})  # for the progress display
+            running_marker(store, spec.id).unlink(missing_ok=True)
+
+        try:
+            if members:
+                train_group(members, store, options,
+                            lambda spec, event: report(spec.id, event), finished)
+        except Exception as error:  # a bug of the group's own setup (its dataset, say)
+            for spec in members:
+                if spec.id not in outcomes:
+                    finished(spec, error)
+        finally:
+            torch.set_num_threads(threads)
+    for spec in waiting:
+        tell(spec, run_job(spec.to_json(), results, options_json,
+                           lambda event, spec=spec: report(spec.id, event)))
+    return [outcomes[spec.id] for spec in specs]

@@ -206,15 +206,18 @@ def in_process_grid(trained_tiny_teacher, tmp_path_factory) -> Path:
 
 @pytest.mark.slurm
 @cluster
+@pytest.mark.parametrize("grouped", [False, True], ids=["no-group", "grouped"])
 def test_grid_runs_as_teacher_job_then_one_dependent_array_with_the_local_numbers(
-        tmp_path, in_process_grid, capsys):
+        tmp_path, in_process_grid, capsys, grouped):
     results = tmp_path / "slurm-results"
     code = cli.main(["run", *grid_args(results, "--methods", "kd", "--seeds", "2"),
-                     "--executor", "slurm", "--slurm", "test"])
+                     "--executor", "slurm", "--slurm", "test", *([] if grouped else ["--no-group"])])
     out = capsys.readouterr().out
     assert code == 0, out
 
-    # One teacher job, then one array of the 2 methods × 2 seeds that waited for it.
+    # One teacher job, then one array of the 2 methods × 2 seeds that waited for it: a task per
+    # run with --no-group; by default a task per seed, whose 2 runs train together.
+    tasks_wanted = 2 if grouped else 4
     jobs = submissions(results)
     teacher = [job for job in jobs.values() if job["spec"]["role"] == "teacher"]
     students = [job for job in jobs.values() if job["spec"]["role"] == "student"]
@@ -222,14 +225,18 @@ def test_grid_runs_as_teacher_job_then_one_dependent_array_with_the_local_number
     array = {job["job_id"].split("_")[0] for job in students}
     assert len(array) == 1
     [array_id] = array
-    assert sorted(job["job_id"] for job in students) == [f"{array_id}_{task}" for task in range(4)]
+    assert sorted({job["job_id"] for job in students}) == [f"{array_id}_{task}" for task in range(tasks_wanted)]
+    if grouped:
+        for task in {job["job_id"] for job in students}:
+            assert sorted(job["spec"]["method"] for job in students if job["job_id"] == task) == ["kd", "vanilla"]
+            assert len({job["spec"]["seed"] for job in students if job["job_id"] == task}) == 1
     assert {job["after"] for job in students} == {teacher[0]["job_id"]}
     script = (results / "slurm" / "logs" / f"{array_id}_submission.sh").read_text()
     assert f"#SBATCH --dependency=afterok:{teacher[0]['job_id']}" in script
-    assert "#SBATCH --array=0-3%4" in script
+    assert f"#SBATCH --array=0-{tasks_wanted - 1}%" in script
     tasks = settled(array_id, "Start")
     [teacher_job] = settled(teacher[0]["job_id"], "End")
-    assert sorted(task["JobID"] for task in tasks) == [f"{array_id}_{task}" for task in range(4)]
+    assert sorted(task["JobID"] for task in tasks) == [f"{array_id}_{task}" for task in range(tasks_wanted)]
     assert {task["State"] for task in tasks} | {teacher_job["State"]} == {"COMPLETED"}
     assert all(task["Start"] >= teacher_job["End"] for task in tasks)  # afterok: only after it
 
@@ -241,6 +248,9 @@ def test_grid_runs_as_teacher_job_then_one_dependent_array_with_the_local_number
     for run_id, record in on_slurm.items():
         assert comparable(record) == comparable(in_process[run_id])
         assert record["provenance"]["slurm_job_id"] and record["provenance"]["threads"] == 1
+        if record["spec"]["role"] == "student":
+            group = record["provenance"]["group"]
+            assert group["size"] == (2 if grouped else 1) and run_id in group["members"]
     capsys.readouterr()
     tables = []
     for directory in (results, local):
@@ -255,8 +265,10 @@ def test_runs_per_task_trains_two_runs_in_one_task_with_the_local_numbers(
         results_with_teacher, in_process_grid, capsys):
     results = results_with_teacher  # the teacher is trained: no teacher job
     # Seed 0 of the in-process grid: the vanilla and kd runs, one task of 2 runs on 2 CPUs.
+    # --no-group: the runs of one seed would otherwise train together in one process.
     code = cli.main(["run", *grid_args(results, "--methods", "kd", "--seed-list", "0"), "--executor", "slurm",
-                     "--slurm", "test", "--slurm-set", "runs_per_task=2", "--slurm-set", "cpus_per_task=2"])
+                     "--slurm", "test", "--slurm-set", "runs_per_task=2", "--slurm-set", "cpus_per_task=2",
+                     "--no-group"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "2 runs in one task" in out and "2 runs per task" in out, out
@@ -340,6 +352,10 @@ def test_a_raising_task_is_recorded_failed_and_a_rerun_retries_only_it(results_w
     states = {(job["spec"]["method"], job["spec"]["seed"]): store.read(run_id) for run_id, job in jobs.items()}
     assert {key for key, record in states.items() if record["status"] == "done"} == {
         ("vanilla", 0), ("vanilla", 1), ("flaky", 0)}
+    # Each seed's runs trained together in one task: flaky seed 1 failed, vanilla seed 1 went on.
+    task_of = {(job["spec"]["method"], job["spec"]["seed"]): job["job_id"] for job in jobs.values()}
+    assert task_of["flaky", 1] == task_of["vanilla", 1] != task_of["flaky", 0] == task_of["vanilla", 0]
+    assert states[("vanilla", 1)]["provenance"]["group"]["size"] == 2
     failed = states[("flaky", 1)]
     assert failed["status"] == "failed" and failed["error"]["type"] == "RuntimeError"
     assert "flaky fails seed 1 on purpose" in failed["error"]["message"]
@@ -373,7 +389,7 @@ def test_a_run_that_raises_fails_alone_in_a_task_it_shares(results_with_teacher,
     results = results_with_teacher
     grid = grid_args(results, "--methods", "flaky", "--seeds", "2", "--epochs", "1")
     run = kdbench("run", *grid, "--executor", "slurm", "--slurm", "test", "--slurm-set", "runs_per_task=2",
-                  "--no-table", env=flaky_plugin)
+                  "--no-table", "--no-group", env=flaky_plugin)
     assert run.returncode == 1, run.stdout + run.stderr
     assert "1 run failed" in run.stderr and "flaky fails seed 1 on purpose" in run.stderr, run.stderr
 
@@ -460,7 +476,7 @@ def test_no_wait_then_status_then_table_with_tasks_that_died_without_a_record(re
     snapshot = ["--snapshot"] if shutil.which("rsync") else []
     # Two tasks at a time: the vanilla runs start, the kd runs wait in the queue.
     code = cli.main(["run", *grid, "--executor", "slurm", "--slurm", "test",
-                     "--slurm-set", "array_parallelism=2", "--no-wait", *snapshot])
+                     "--slurm-set", "array_parallelism=2", "--no-wait", "--no-group", *snapshot])
     out = capsys.readouterr().out
     assert code == 0 and "4 runs submitted to SLURM" in out, out
     run = {(job["spec"]["method"], job["spec"]["seed"]): (run_id, job["job_id"])

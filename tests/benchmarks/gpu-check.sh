@@ -11,6 +11,8 @@
 #   fmnist-tables.md       Fashion-MNIST quick, KD, 5 seeds, bf16 and fp32 tables, and the
 #                          bf16-vs-fp32 comparison (|mean difference| against one std)
 #   results.tar.gz         the run records of both precisions (runs/*.json)
+#   (log only)             grouped training: the same 6 runs of one seed grouped, --no-group, and
+#                          --no-group with all in flight: "grouped-check: ... wall N ms" lines
 #
 # The 5 x 5 wrn_40_2 -> wrn_16_2 table's time: one real CIFAR-100 epoch cannot run there (no
 # network, so no CIFAR-100); test_table_time's extrapolation from the measured step rates (all
@@ -182,6 +184,32 @@ EOF
         && note "results.tar.gz" "written" || note "results.tar.gz" "FAILED"
 else
     note "bf16 vs fp32" "not run: no Fashion-MNIST"
+fi
+
+section "grouped training (issue 17): one teacher forward per batch for a seed's runs"
+if [[ "$SMOKE" == 1 || ${#DATA[@]} -gt 0 ]]; then
+    # The same 6 runs (the Student row, kd, fitnet, at, rkd, mhgd; 1 seed) three ways, each from
+    # a copy of the results above (the teacher trained, nothing else): grouped (the default),
+    # one process per run (--no-group, one at a time), and --no-group with all 6 in flight.
+    GROUPED_EPOCHS=2
+    [[ "$SMOKE" == 1 ]] && GROUPED_EPOCHS=1
+    for how in grouped no-group no-group-inflight; do
+        mkdir -p "$WORK/$how" && cp -r "$RESULTS/teachers" "$RESULTS/runs" "$WORK/$how/" 2>/dev/null
+        rm -f "$WORK/$how"/runs/*.csv
+        case "$how" in
+            grouped) FLAGS=() ;;
+            no-group) FLAGS=(--no-group) ;;
+            no-group-inflight) FLAGS=(--no-group "${INFLIGHT[@]}") ;;
+        esac
+        [[ "$SMOKE" == 1 && "$how" == no-group-inflight ]] && continue
+        started=$(date +%s%N)
+        run_step "run $how" 120 "$PYTHON" -m kdbench run --setting "$SETTING" \
+            --methods kd,fitnet,at,rkd,mhgd --seeds 1 --epochs "$GROUPED_EPOCHS" --executor local \
+            "${FLAGS[@]}" "${DATA[@]}" --results "$WORK/$how" --no-table
+        echo "grouped-check: $how wall $(( ($(date +%s%N) - started) / 1000000 )) ms"
+    done
+else
+    note "grouped training" "not run: no Fashion-MNIST"
 fi
 
 section "throughput: the other standard CIFAR-100 pairs (whatever time is left)"
