@@ -600,8 +600,8 @@ def lockstep_step(cohort: list[TrainingRun], batch: Batch, teacher_forward: nn.M
     t_all = None
     if teacher_forward is not None and any(run.method.uses_teacher for run in cohort):
         # Once per batch for the whole cohort. no_grad rather than inference_mode: methods
-        # feed teacher features into trainable modules (MHGD's attention network), which must
-        # save them for backward.
+        # feed teacher features into trainable modules (an attention network over the
+        # teacher's stages, say), which must save them for backward.
         with autocast, torch.no_grad():
             t_all = teacher_taps.pop(teacher_forward(batch.images))
     failed = []
@@ -784,12 +784,13 @@ def start_stage(run: TrainingRun, recipe: settings.Recipe) -> None:
     if run.ranks.distributed:
         # DDP averages the student's gradients inside the default backward (the loss sum's
         # one backward pass reaches every student parameter through its forward). Under a
-        # method's own gradient rule (torch.autograd.grad, which DDP's hooks never see: MHGD,
-        # KD-SVD, compositions) and in a pre-training stage (part of the student unused), the
-        # step runs under DDP's no_sync and train_step averages every trainable gradient itself,
-        # after the rule made them from this rank's shard. The method's own modules are called
-        # inside its loss, not through a forward DDP could wrap: their gradients are averaged
-        # by train_step always (the same all-reduce DDP does, without its overlap).
+        # method's own gradient rule (torch.autograd.grad, which DDP's hooks never see: a
+        # method with its own rule, or a composition holding one) and in a pre-training stage
+        # (part of the student unused), the step runs under DDP's no_sync and train_step
+        # averages every trainable gradient itself, after the rule made them from this rank's
+        # shard. The method's own modules are called inside its loss, not through a forward
+        # DDP could wrap: their gradients are averaged by train_step always (the same
+        # all-reduce DDP does, without its overlap).
         custom_rule = type(run.method).backward is not Method.backward
         run.ddp_syncs = run.is_main and not custom_rule
         run.averaged_parameters = (iter_parameters(run.method.trainable_modules()) if run.ddp_syncs
