@@ -150,7 +150,10 @@ def student_groups(students: list[RunSpec], group: bool = True,
     ``group=False`` one run per group (``--no-group``). ``group_size`` (``--group-size``) caps
     a group: the runs of a larger one go in consecutive chunks of at most that many. Runs of a
     group finish together (lockstep), so smaller groups store their records sooner, which is
-    what a machine lent for a few hours at a time needs; each run's record is the same."""
+    what a machine lent for a few hours at a time needs; each run's record is the same. The
+    chunks go chunk by chunk across the seeds (the first methods at every seed, then the next
+    ones): a grid stopped part-way leaves whole table rows (every seed of its first methods),
+    not one seed of every method."""
     from kdbench.train import group_key
 
     if not group:
@@ -161,8 +164,9 @@ def student_groups(students: list[RunSpec], group: bool = True,
         key = group_key(spec) if spec.processes == 1 else ("alone", spec.id)
         groups.setdefault(key, []).append(spec)
     size = group_size or max((len(members) for members in groups.values()), default=1)
-    return [members[start:start + size] for members in groups.values()
-            for start in range(0, len(members), size)]
+    longest = max((len(members) for members in groups.values()), default=0)
+    return [members[start:start + size] for start in range(0, longest, size)
+            for members in groups.values() if start < len(members)]
 
 
 @dataclass

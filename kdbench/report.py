@@ -15,7 +15,9 @@ Outputs of ``--out tables/NAME`` (``--format``, or the suffix of --out):
   all       all of the above
 and always NAME.provenance.md: the command, kdbench's commit, and the run ids behind every
 cell, so a committed table can be traced back and regenerated. With ``--power`` the
-Markdown gets the power analysis and NAME.power.csv its numbers.
+Markdown gets the power analysis and NAME.power.csv its numbers. With ``--orderings``,
+NAME.orderings.md holds the rank agreement with the published tables (kdbench.orderings) and
+NAME.orderings.csv every comparison and discordant pair.
 
 Every output is rendered in memory first and written only when all of them succeeded: a
 missing pdflatex or matplotlib is one line and exit code 2, with nothing written. Generated
@@ -35,6 +37,8 @@ from typing import Callable, Sequence
 
 from kdbench.aggregate import METRICS, Summary, load_published, summarize
 from kdbench.errors import UserError
+from kdbench.orderings import (Orderings, column_means, compare_orderings,
+                               render_orderings_csv, render_orderings_markdown)
 from kdbench.power import PowerAnalysis, TARGET_POWER, power_analysis
 from kdbench.revision import kdbench_revision
 from kdbench.rows import parse_labels
@@ -115,6 +119,10 @@ def add_table_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gap", type=float, metavar="G",
                         help="with --power (implied): the power at a true gap of G points and "
                              "the seeds per cell needed to detect it")
+    parser.add_argument("--orderings", action="store_true",
+                        help="Kendall's tau-b between each column's ordering of the methods and "
+                             "each published table's (kdbench/published.json), beside the "
+                             "published settings' agreement with each other")
 
 
 def table_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
@@ -152,6 +160,8 @@ def table_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -
     layout = Layout(delta=getattr(args, "delta", False), ci=getattr(args, "ci", False),
                     published=compare)
     power = power_analysis(summary, gap) if want_power else None
+    orderings = (compare_orderings(column_means(summary.cells.to_dict("records")), load_published())
+                 if getattr(args, "orderings", False) else None)
     corrupt = store.corrupt_records()
     if out is None:
         fmt = formats[0]
@@ -162,6 +172,8 @@ def table_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -
                              else render_csv(summary))
             if power is not None:
                 sys.stdout.write("\n" + render_power_markdown(power, summary) + "\n")
+        if orderings is not None:
+            sys.stdout.write("\n" + render_orderings_markdown(orderings, summary.titles) + "\n")
         for _, reason in corrupt:  # on stderr: the table on stdout stays clean to redirect
             print(f"warning: skipped {reason}", file=sys.stderr)
         return 0
@@ -174,10 +186,12 @@ def table_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -
     )
     label = getattr(args, "tex_label", None) or default_label(out)
     for path in write_tables(summary, layout, out, formats, provenance, label=label,
-                             power=power):
+                             power=power, orderings=orderings):
         print(f"wrote {path}")
     if power is not None:
         print(render_power_markdown(power, summary))
+    if orderings is not None:
+        print(render_orderings_markdown(orderings, summary.titles))
     for note in summary.notes:
         print(f"note: {note}", file=sys.stderr)
     for _, reason in store.corrupt_records():
@@ -276,6 +290,12 @@ def power_path(out: Path) -> Path:
     return base.with_name(base.name + ".power.csv")
 
 
+def orderings_paths(out: Path) -> dict[str, Path]:
+    base = _base(out)
+    return {"orderings.md": base.with_name(base.name + ".orderings.md"),
+            "orderings.csv": base.with_name(base.name + ".orderings.csv")}
+
+
 def default_label(out: Path) -> str:
     stem = _base(out).name
     return "tab:" + (re.sub(r"[^A-Za-z0-9:_-]+", "-", stem).strip("-") or "kdbench")
@@ -331,10 +351,13 @@ def render_outputs(summary: Summary, layout: Layout, paths: dict[str, Path], lab
 
 def write_tables(summary: Summary, layout: Layout, out: Path, formats: Sequence[str],
                  provenance: Provenance, label: str = "tab:kdbench",
-                 power: PowerAnalysis | None = None) -> list[Path]:
+                 power: PowerAnalysis | None = None,
+                 orderings: Orderings | None = None) -> list[Path]:
     """Render every format, then write them and the provenance note; returns the paths."""
     paths = output_paths(out, formats)
     extra = {"power": power_path(out)} if power is not None else {}
+    if orderings is not None:
+        extra.update(orderings_paths(out))
     guarded = Path(provenance.results, "runs").resolve()
     note = provenance_path(out)
     for path in [*paths.values(), *extra.values(), note]:
@@ -344,6 +367,9 @@ def write_tables(summary: Summary, layout: Layout, out: Path, formats: Sequence[
     rendered = render_outputs(summary, layout, paths, label, power)
     if power is not None:
         rendered["power"] = render_power_csv(power).encode()
+    if orderings is not None:
+        rendered["orderings.md"] = (render_orderings_markdown(orderings, summary.titles) + "\n").encode()
+        rendered["orderings.csv"] = render_orderings_csv(orderings).encode()
     written = []
     for name, path in {**paths, **extra}.items():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -299,7 +299,7 @@ def test_run_groups_a_seeds_runs_by_default_and_a_killed_group_resumes_to_the_sa
             got, key=lambda i: ["vanilla", "kd"].index(got[i]["spec"]["method"]))}
 
 
-def test_group_size_cuts_each_group_into_chunks_in_order_and_no_group_gives_one_run_each():
+def test_group_size_cuts_each_group_into_chunks_that_go_across_the_seeds_first():
     from kdbench.launch import student_groups
 
     methods = ["vanilla", "kd", "at", "rkd", "fitnet"]
@@ -308,6 +308,7 @@ def test_group_size_cuts_each_group_into_chunks_in_order_and_no_group_gives_one_
     assert [[spec.method for spec in group] for group in whole] == [methods, methods]
     chunked = student_groups(students, group_size=2)
     assert [[(spec.method, spec.seed) for spec in group] for group in chunked] == [
-        [("vanilla", 0), ("kd", 0)], [("at", 0), ("rkd", 0)], [("fitnet", 0)],
-        [("vanilla", 1), ("kd", 1)], [("at", 1), ("rkd", 1)], [("fitnet", 1)]]
+        [("vanilla", 0), ("kd", 0)], [("vanilla", 1), ("kd", 1)],
+        [("at", 0), ("rkd", 0)], [("at", 1), ("rkd", 1)],
+        [("fitnet", 0)], [("fitnet", 1)]]
     assert student_groups(students, group=False, group_size=2) == [[spec] for spec in students]
