@@ -11,7 +11,10 @@ returns or cursor moves: one line per finished epoch, per finished run and per r
 
 The time left is simulated from epoch times measured in this grid, or in the records the
 results directory already holds (the start estimate uses those alone, and says when there are
-none): the runs in queue order on ``jobs`` slots, each student after its teacher.
+none): the runs in queue order on ``jobs`` slots, each student after its teacher. Runs that
+train together (kdbench.launch.student_groups) take one slot for the sum of their shares of an
+epoch: a grouped run's measured epoch is the group's, so each member's share is that time
+divided by the group's size (from the record's provenance, or from the grid's groups live).
 
 Executors that see runs only from outside (SLURM: no epoch events come back from the nodes)
 report with ``queue`` which runs are running and how many wait; the bar then counts done,
@@ -65,13 +68,15 @@ class EpochTimes:
         self._sums: dict[tuple, list[float]] = {}
         self.measured = 0  # epochs measured
 
-    def add(self, spec: RunSpec, stage: str, seconds: float) -> None:
+    def add(self, spec: RunSpec, stage: str, seconds: float, group_size: int = 1) -> None:
+        """An epoch of ``spec`` that took ``seconds`` in a group of ``group_size`` runs
+        training together: the run's share of it is seconds / group_size."""
         if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0):
             return
         self.measured += 1
         for key in _time_keys(spec, stage):
             total = self._sums.setdefault(key, [0.0, 0])
-            total[0] += seconds
+            total[0] += seconds / max(1, group_size)
             total[1] += 1
 
     def per_epoch(self, spec: RunSpec, stage: str) -> float | None:
@@ -106,15 +111,25 @@ def measured_in(records: Iterable[Mapping[str, Any]], device: str | None = None
             continue
         history = [entry for entry in record.get("history") or [] if isinstance(entry, Mapping)]
         stages = [str(entry.get("stage", MAIN_STAGE)) for entry in history]
-        made_on = str((record.get("provenance") or {}).get("device", ""))
+        provenance = record.get("provenance") or {}
+        made_on = str(provenance.get("device", ""))
         if device is None or made_on.startswith(device):
+            size = trained_with(provenance)
             for stage, entry in zip(stages, history):
                 if "seconds" in entry:
-                    times.add(spec, stage, entry["seconds"])
+                    times.add(spec, stage, entry["seconds"], size)
         if stages:
             order = list(dict.fromkeys(stages))
             schedules[_schedule_key(spec)] = [(stage, stages.count(stage)) for stage in order]
     return times, schedules
+
+
+def trained_with(provenance: Mapping[str, Any]) -> int:
+    """How many runs the record's run trained beside in lockstep, itself included (its
+    provenance's ``group``; 1 for a run trained alone or recorded before grouping)."""
+    group = provenance.get("group")
+    size = group.get("size") if isinstance(group, Mapping) else None
+    return size if isinstance(size, int) and size > 0 else 1
 
 
 def main_epochs(spec: RunSpec) -> int:
@@ -165,6 +180,8 @@ class RunProgress:
     state: str = "pending"  # pending | running | finished
     epoch_started: float | None = None  # time.monotonic() when its current epoch began
     top1: float | None = None  # its last test top-1
+    group: int | None = None  # the index of the group it trains in (None: alone)
+    group_size: int = 1  # the runs of that group
 
     @property
     def planned(self) -> int:
@@ -197,12 +214,15 @@ def duration(seconds: float) -> str:
 
 
 def start_estimate(specs: Sequence[RunSpec], records: Iterable[Mapping[str, Any]], jobs: int,
-                   device: str | None = None) -> str | None:
+                   device: str | None = None,
+                   groups: Sequence[Sequence[RunSpec]] = ()) -> str | None:
     """The line printed before a grid starts: its time from epoch times measured in the
     results directory (on ``device``), or None when no stored run measured the kinds of epoch
-    it trains (the caller then gives a rough estimate and says so)."""
+    it trains (the caller then gives a rough estimate and says so). ``groups``: the runs that
+    train together (kdbench.launch.student_groups); a run in none trains alone."""
     times, schedules = measured_in(records, device)
     runs = [RunProgress(spec, *planned_schedule(spec, schedules)) for spec in specs]
+    join_groups(runs, groups)
     stand_ins: list[RunSpec] = []
     total = simulate(runs, times, jobs, time.monotonic(), stand_ins)
     if total is None or not runs:
@@ -219,10 +239,12 @@ def start_estimate(specs: Sequence[RunSpec], records: Iterable[Mapping[str, Any]
 
 def simulate(runs: Sequence[RunProgress], times: EpochTimes, jobs: int, now: float,
              stand_ins: list[RunSpec] | None = None) -> float | None:
-    """Seconds until every unfinished run is done: the running ones go on, the pending ones
-    start in order on the first free of ``jobs`` slots, each student after its teacher. None
-    when some run's epochs have no measured time to go by; the runs timed by a stand-in (a
-    student by its teacher's epochs) are added to ``stand_ins``."""
+    """Seconds until every unfinished run is done: the running groups go on, the pending ones
+    start in order on the first free of ``jobs`` slots, each student's after its teacher. A
+    group (runs with one ``group`` index; a run without one is a group of its own) holds its
+    slot for the sum of its runs' epoch shares. None when some run's epochs have no measured
+    time to go by; the runs timed by a stand-in (a student by its teacher's epochs) are added
+    to ``stand_ins``."""
     def left(run: RunProgress) -> float | None:
         seconds = 0.0
         for stage, epochs in run.remaining():
@@ -232,45 +254,69 @@ def simulate(runs: Sequence[RunProgress], times: EpochTimes, jobs: int, now: flo
             if not exact and stand_ins is not None:
                 stand_ins.append(run.spec)
             seconds += epochs * per_epoch
-        if run.state == "running" and run.epoch_started is not None and run.remaining():
-            # The current epoch is under way: its part so far is not left (an epoch that runs
-            # longer than measured counts as just finishing).
-            stage = run.remaining()[0][0]
-            seconds -= min(now - run.epoch_started, times.per_epoch(run.spec, stage) or 0.0)
-        return max(0.0, seconds)
+        return seconds
 
+    def under_way(members: list[RunProgress]) -> float:
+        """The part of the group's current epoch already trained: since its latest epoch
+        start, at most one epoch of its running runs (an epoch that runs longer than measured
+        counts as just finishing)."""
+        running = [run for run in members if run.state == "running" and run.epoch_started is not None
+                   and run.remaining()]
+        if not running:
+            return 0.0
+        epoch = sum(times.per_epoch(run.spec, run.remaining()[0][0]) or 0.0
+                    for run in running if run.spec is not None)
+        return min(now - max(run.epoch_started for run in running), epoch)
+
+    groups: dict[Any, list[RunProgress]] = {}
+    for index, run in enumerate(runs):
+        groups.setdefault(("alone", index) if run.group is None else run.group, []).append(run)
     slots: list[float] = []
     teacher_done: dict[str, float] = {}
-    for run in runs:
-        if run.state != "running":
+    pending: list[tuple[list[RunProgress], float]] = []
+    for members in groups.values():
+        unfinished = [run for run in members if run.state != "finished"]
+        if not unfinished:
             continue
-        seconds = left(run)
-        if seconds is None:
+        shares = [left(run) for run in unfinished]
+        if any(share is None for share in shares):
             return None
-        slots.append(seconds)
-        if run.spec is not None and run.spec.role == TEACHER:
-            teacher_done[run.spec.id] = seconds
+        seconds = sum(shares)
+        if any(run.state == "running" for run in unfinished):
+            seconds = max(0.0, seconds - under_way(unfinished))
+            slots.append(seconds)
+            for run in unfinished:
+                if run.spec is not None and run.spec.role == TEACHER:
+                    teacher_done[run.spec.id] = seconds
+        else:
+            pending.append((unfinished, seconds))
     slots += [0.0] * max(0, jobs - len(slots))
-    for run in runs:
-        if run.state != "pending":
-            continue
-        seconds = left(run)
-        if seconds is None:
-            return None
+    for members, seconds in pending:
         slot = min(range(len(slots)), key=slots.__getitem__)
         begins = slots[slot]
-        if run.spec is not None and run.spec.role != TEACHER:
-            begins = max(begins, teacher_done.get(run.spec.teacher_spec().id, 0.0))
+        for run in members:
+            if run.spec is not None and run.spec.role != TEACHER:
+                begins = max(begins, teacher_done.get(run.spec.teacher_spec().id, 0.0))
         slots[slot] = begins + seconds
-        if run.spec is not None and run.spec.role == TEACHER:
-            teacher_done[run.spec.id] = slots[slot]
+        for run in members:
+            if run.spec is not None and run.spec.role == TEACHER:
+                teacher_done[run.spec.id] = slots[slot]
     return max(slots, default=0.0)
+
+
+def join_groups(runs: Sequence[RunProgress], groups: Sequence[Sequence[RunSpec]]) -> None:
+    """Mark each run with the group it trains in and that group's size."""
+    where = {spec.id: (index, len(group)) for index, group in enumerate(groups) for spec in group}
+    for run in runs:
+        if run.spec is not None and run.spec.id in where:
+            run.group, run.group_size = where[run.spec.id]
 
 
 class ProgressDisplay:
     def __init__(self, runs: int | Sequence[RunSpec], stream: TextIO | None = None,
                  live: bool | None = None, jobs: int = 1,
-                 records: Iterable[Mapping[str, Any]] = (), device: str | None = None) -> None:
+                 records: Iterable[Mapping[str, Any]] = (), device: str | None = None,
+                 groups: Sequence[Sequence[RunSpec]] = ()) -> None:
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
         self.jobs = max(1, jobs)
@@ -278,6 +324,7 @@ class ProgressDisplay:
         specs: list[RunSpec | None] = [None] * runs if isinstance(runs, int) else list(runs)
         self.runs = [RunProgress(spec, *planned_schedule(spec, schedules)) if spec is not None
                      else RunProgress(None, [], True) for spec in specs]
+        join_groups(self.runs, groups)
         self.by_epochs = not isinstance(runs, int)
         self.total = len(self.runs)
         self.finished = 0
@@ -347,7 +394,8 @@ class ProgressDisplay:
                 run.done += 1
                 run.epoch_started = time.monotonic()
                 if run.spec is not None:
-                    self.times.add(run.spec, str(event.get("stage", MAIN_STAGE)), event.get("seconds"))
+                    self.times.add(run.spec, str(event.get("stage", MAIN_STAGE)), event.get("seconds"),
+                                   run.group_size)
                 if "top1" in event:
                     run.top1 = event["top1"]
             accuracy = f" test top-1 {event['top1']:.2f}%" if "top1" in event else ""

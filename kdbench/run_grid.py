@@ -150,7 +150,7 @@ def print_grid_table(grid, store, select_on: str | None = None) -> None:
 
 def launch_grid(plan: Plan, teachers, students) -> list:
     """The runs to train, on the plan's executor, with the progress display."""
-    from kdbench.launch import make_executor
+    from kdbench.launch import make_executor, student_groups
     from kdbench.progress import ProgressDisplay, start_estimate
     from kdbench.store import Store
 
@@ -161,7 +161,10 @@ def launch_grid(plan: Plan, teachers, students) -> list:
     records = list(Store(plan.results).records()) if plan.results.is_dir() else []
     device = "cuda" if launch.on_gpu else "cpu"
     on_slurm = launch.executor == "slurm"
-    measured = start_estimate(teachers + students, records, jobs, device) if not on_slurm else None
+    # The local executor's groups (kdbench.launch.student_groups), for the time left.
+    groups = (student_groups(list(students), launch.group, launch.group_size)
+              if launch.executor == "local" else [])
+    measured = start_estimate(teachers + students, records, jobs, device, groups) if not on_slurm else None
     if measured:
         print(measured, file=sys.stderr, flush=True)
     elif not launch.on_gpu and not on_slurm:
@@ -171,7 +174,8 @@ def launch_grid(plan: Plan, teachers, students) -> list:
                                    launch.group, launch.group_size)
         if warning:
             print(warning, file=sys.stderr, flush=True)
-    display = ProgressDisplay(teachers + students, jobs=jobs, records=records, device=device)
+    display = ProgressDisplay(teachers + students, jobs=jobs, records=records, device=device,
+                              groups=groups)
     executor = make_executor(launch.executor, jobs=jobs, display=display, preset=launch.slurm_preset,
                              preset_overrides=list(launch.slurm_overrides), wait=launch.wait,
                              snapshot=launch.snapshot, group=launch.group,

@@ -172,3 +172,43 @@ def test_the_captured_terminal_and_log_samples_are_those_of_this_display():
     assert re.search(r"^  synthetic/tiny \w+ seed \d: (\[hints\] )?epoch \d/\d step \d+/\d+$", screen, re.M)
     assert "resuming synthetic/tiny" in log and "\r" not in log and "\x1b" not in log
     assert re.search(r"^\[\d/\d\] synthetic/tiny \w+ seed \d: done, test top-1 \d+\.\d\d%", log, re.M)
+
+
+def test_grouped_runs_hold_one_slot_for_the_sum_of_their_shares_of_the_group_epoch():
+    """A record trained in a group of 2 measured the group's epoch (10 s): each run's share is
+    5 s. Four pending students in two groups of 2 on 2 slots then take 2 epochs × (5 + 5) s =
+    20 s in parallel, not the 4 runs × 2 epochs × 10 s / 2 slots = 40 s of counting every run
+    as a process of its own at the group's time."""
+    methods = ("kd", "at")
+    measured = [{"id": f"m{i}", "status": "done", "spec": RunSpec(SETTING, method, 7).to_json(),
+                 "provenance": {"group": {"size": 2, "members": ["m0", "m1"]}},
+                 "history": [{"stage": "main", "epoch": e, "seconds": 10.0} for e in (1, 2)]}
+                for i, method in enumerate(methods)]
+    students = [RunSpec(SETTING, method, seed) for seed in (0, 1) for method in methods]
+    groups = [students[:2], students[2:]]
+    line = start_estimate(students, measured, jobs=2, groups=groups)
+    assert line.startswith("kdbench: about 20 s of training for this grid (8 epochs")
+    # The same records counted as solo runs (no group in their provenance): 10 s per run and
+    # epoch; in groups, (10 + 10) × 2 per group: 40 s on 2 slots; without groups also 40 s.
+    solo = [{**record, "provenance": {}} for record in measured]
+    assert start_estimate(students, solo, jobs=2, groups=groups).startswith("kdbench: about 40 s")
+    assert start_estimate(students, solo, jobs=2).startswith("kdbench: about 40 s")
+    # One slot: the two groups one after the other, 2 × 20 s.
+    assert start_estimate(students, measured, jobs=1, groups=groups).startswith("kdbench: about 40 s")
+
+    # Live: a running group's epoch events (12 s each, the group's time) count 6 s per run,
+    # and the epoch under way is subtracted once for the group, not once per run.
+    display = ProgressDisplay(students, stream=io.StringIO(), live=False, jobs=1, groups=groups)
+    for spec in groups[0]:
+        started(display, spec, [["main", 2]])
+    for spec in groups[0]:
+        display.event(spec.label(), epoch(1, 2, 12.0))
+    running = [run for run in display.runs if run.group == 0]
+    assert [run.group_size for run in running] == [2, 2]
+    for run in running:
+        run.epoch_started = time.monotonic() - 3.0  # 3 s into the group's second epoch
+    # Shares: 6 s per epoch of kd and of at (this display was given no records). Left: group
+    # 0's last epoch of both, less the 3 s under way; then group 1's two epochs of both, on
+    # the one slot: 12 - 3 + 24.
+    share = 6.0
+    assert display.seconds_left() == pytest.approx(2 * share - 3.0 + 4 * share, abs=0.1)
