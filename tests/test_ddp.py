@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench import distributed
+from kdbench import distributed, settings
 from kdbench.cli import main
 from kdbench.grid import Grid
 from kdbench.grid import running_marker
@@ -49,8 +49,10 @@ def test_one_process_keeps_every_stored_id_and_two_change_it():
         spec = RunSpec.from_json(record["spec"])
         assert spec.to_json() == record["spec"]  # no new field at 1
         assert spec.id == record["id"]
+        # As kdbench.plan plans them: a setting newer than setting files adds its hash.
+        fields = {spec.setting: settings.for_spec(spec).spec_fields()}
         planned = Grid((spec.setting,), (spec.method,), (spec.seed,), teacher_seed=spec.teacher_seed,
-                       precision=spec.precision, processes=1)
+                       precision=spec.precision, setting_fields=fields, processes=1)
         if spec.role == "student" and not spec.config and not spec.overrides:
             assert record["id"] in {s.id for s in planned.students()}
         two = RunSpec.from_json({**record["spec"], "processes": 2})

@@ -53,13 +53,15 @@ def committed_records() -> list[dict]:
 @pytest.mark.skipif(not any(RECORDS.glob("*.json")), reason="no committed records in tables/records")
 def test_committed_records_keep_their_ids() -> None:
     """Every committed record's id is still the hash of its spec, and its setting is still the
-    built-in's content (no setting_sha256 needed in the spec): the records are found."""
+    built-in's content: a setting older than setting files needs no setting_sha256 in the spec
+    (LEGACY_SHA256), a newer one carries the hash its file has today. The records are found."""
     records = committed_records()
     for record in records:
         spec = RunSpec.from_json(record["spec"])
         assert spec.id == record["id"], record["id"]
-        assert spec.setting_sha256 is None and spec.setting_content is None
+        assert spec.setting_content is None  # a built-in, not a user's file
         setting = settings.for_spec(spec)
+        assert spec.setting_sha256 == setting.spec_fields().get("setting_sha256"), record["id"]
         # The record's own copy of the setting says what the run computed with: the file's
         # content gives the same recipe and architectures today.
         stored = record["setting"]
