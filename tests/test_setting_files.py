@@ -76,14 +76,15 @@ def test_committed_records_keep_their_ids() -> None:
 
 @pytest.mark.skipif(not any(RECORDS.glob("*.json")), reason="no committed records in tables/records")
 def test_status_finds_the_committed_records(capsys) -> None:
-    """`status --results tables/records --setting fashion_mnist/quick` counts every committed
-    student record (done, or stale where other code made it: found either way) and names the
-    committed teacher record by its id."""
+    """`status --results tables/records --setting NAME` counts every committed student record of
+    each setting (done, or stale where other code made it: found either way) and names the
+    setting's committed teacher record by its id."""
     records = committed_records()
     students = Counter((r["spec"]["setting"], r["spec"]["method"]) for r in records
                        if r["spec"]["role"] == "student")
-    teachers = [r["id"] for r in records if r["spec"]["role"] == "teacher"]
     for name in sorted({setting for setting, _ in students}):
+        teachers = [r["id"] for r in records
+                    if r["spec"]["role"] == "teacher" and r["spec"]["setting"] == name]
         methods = sorted(method for setting, method in students if setting == name)
         assert main(["status", "--results", str(RECORDS.parent), "--setting", name,
                      "--methods", ",".join(methods)]) == 0
