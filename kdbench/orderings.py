@@ -55,15 +55,17 @@ class Orderings:
     published_taus: tuple[float, ...]
 
 
-def kendall(ours: Mapping[str, float], theirs: Mapping[str, float]) -> tuple[float, float, list]:
-    """tau-b and p over the keys both have, and the discordant pairs (a, b, ours a-b, theirs a-b)
-    with a ahead in ours. Needs two or more common keys."""
+def kendall(ours: Mapping[str, float], theirs: Mapping[str, float]
+            ) -> tuple[float, float, list, tuple[str, ...]]:
+    """tau-b and p over the keys both have, the discordant pairs (a, b, ours a-b, theirs a-b)
+    with a ahead in ours, and the common keys by our value, best first. Needs two or more
+    common keys."""
     common = sorted(set(ours) & set(theirs), key=lambda row: (-ours[row], row))
     tau, p = stats.kendalltau([ours[row] for row in common], [theirs[row] for row in common])
     discordant = [(a, b, ours[a] - ours[b], theirs[a] - theirs[b])
                   for a, b in itertools.combinations(common, 2)
                   if (ours[a] - ours[b]) * (theirs[a] - theirs[b]) < 0]
-    return float(tau), float(p), discordant
+    return float(tau), float(p), discordant, tuple(common)
 
 
 def published_orderings(published: Mapping[str, Any]) -> dict[str, tuple[str, dict[str, float]]]:
@@ -86,8 +88,7 @@ def compare_orderings(means: Mapping[str, Mapping[str, float]],
         for name, (source, theirs) in tables.items():
             if len(set(ours) & set(theirs)) < SMALLEST_COMMON:
                 continue
-            tau, p, discordant = kendall(ours, theirs)
-            common = tuple(sorted(set(ours) & set(theirs), key=lambda row: (-ours[row], row)))
+            tau, p, discordant, common = kendall(ours, theirs)
             agreements.append(Agreement(setting, name, sources.get(source, source), common, tau,
                                         p, tuple(discordant)))
     among = []

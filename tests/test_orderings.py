@@ -24,7 +24,8 @@ from tests.test_aggregate import write_records
 def test_one_swapped_pair_of_four_gives_tau_two_thirds_and_the_exact_p() -> None:
     ours = {"a": 4.0, "b": 3.0, "c": 2.0, "d": 1.0}
     theirs = {"a": 40.0, "b": 30.0, "c": 10.0, "d": 20.0}
-    tau, p, discordant = kendall(ours, theirs)
+    tau, p, discordant, rows = kendall(ours, theirs)
+    assert rows == ("a", "b", "c", "d")
     # 5 concordant pairs, 1 discordant: (5 - 1) / 6.
     assert tau == pytest.approx(2 / 3)
     # Under the null every order of 4 is equally likely; the number of inversions of a random
@@ -41,7 +42,7 @@ def test_one_swapped_pair_of_four_gives_tau_two_thirds_and_the_exact_p() -> None
 def test_ties_take_tau_b_correction_and_only_shared_keys_count() -> None:
     ours = {"a": 2.0, "b": 2.0, "c": 1.0, "only_ours": 9.0}
     theirs = {"a": 3.0, "b": 2.0, "c": 1.0, "only_theirs": 0.0}
-    tau, _, discordant = kendall(ours, theirs)
+    tau, _, discordant, _ = kendall(ours, theirs)
     # n0 = 3 pairs; one tied in ours; concordant (a, c), (b, c); tau-b = 2 / sqrt(2 * 3).
     assert tau == pytest.approx(2 / math.sqrt(6))
     assert discordant == []
