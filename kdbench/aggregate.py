@@ -52,6 +52,14 @@ A record names the code that made it (``provenance.method_source_sha256`` and
 ``summarize`` refuses unless ``pool_versions=True``, and then marks the cell; a row whose cells
 come from different versions (one per column) is marked too. A row built from a method whose
 declared fidelity is "reading of the paper" gets a footnote (``Summary.footnotes``).
+
+Teachers
+--------
+A student record names the teacher weights it distilled from
+(``provenance.teacher_weights_sha256``), a teacher record its own (``teacher_weights``). A
+column whose records name two weights of one teacher (a teacher retrained between its students)
+is refused like two code versions, and with ``pool_versions=True`` tabulated with a note.
+Records that name none (older ones, methods without a teacher) are not judged.
 """
 
 from __future__ import annotations
@@ -71,8 +79,8 @@ from scipy import stats
 from kdbench import selection as selection_module
 from kdbench.errors import UserError
 from kdbench.rows import STUDENT, TEACHER, base as _base, label_rows, row_titles
-from kdbench.spec import record_precision
-from kdbench.staleness import code_version
+from kdbench.spec import RunSpec, record_precision
+from kdbench.staleness import code_version, short, teacher_weights_of
 
 # The exact string of kdbench.method.FIDELITY_READING (interfaces.md); not imported, since
 # kdbench.method imports torch and tables must not.
@@ -301,6 +309,7 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
         overrides = spec.get("overrides") or {}
         name = setting.get("name") or spec.get("setting")
         checkpoint = spec.get("teacher_checkpoint") or provenance.get("teacher_checkpoint_sha256")
+        teacher_run, teacher_weights = _teacher_of(record, role)
         rows.append({
             "run_id": record["id"],
             "status": record.get("status"),
@@ -331,13 +340,29 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             "train_subset": setting.get("train_subset"),
             "teacher_checkpoint": checkpoint,
             "teacher_checkpoint_file": provenance.get("teacher_checkpoint_file"),
+            "teacher_run": teacher_run,
+            "teacher_weights": teacher_weights,
         })
     columns = ["run_id", "status", "setting", "dataset", "teacher_arch", "student_arch",
                "recipe_source", "role", "method", "seed", "variant", "epochs", *METRICS,
                *VAL_METRICS, "held_out", "validation", "error", "git_commit", "finished_at", "precision", "display_name", "fidelity",
                "fidelity_note", "version", "resolved_config", "resolved_recipe",
-               "train_subset", "teacher_checkpoint", "teacher_checkpoint_file"]
+               "train_subset", "teacher_checkpoint", "teacher_checkpoint_file", "teacher_run",
+               "teacher_weights"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _teacher_of(record: Mapping[str, Any], role: str) -> tuple[str | None, str | None]:
+    """The id of the teacher run behind a record (a teacher's own) and the sha256 of the
+    weights it names (a teacher's own; a student's: those it distilled from, if recorded)."""
+    if role == "teacher":
+        weights = record.get("teacher_weights")
+        return record.get("id"), weights.get("sha256") if isinstance(weights, Mapping) else None
+    try:
+        teacher_run = RunSpec.from_json(record["spec"]).teacher_spec().id
+    except Exception:  # a record too old or damaged to rebuild its spec: nothing to compare
+        return None, None
+    return teacher_run, teacher_weights_of(record)
 
 
 def method_version(record: Mapping[str, Any]) -> str:
@@ -457,6 +482,7 @@ def summarize(
     if selection is not None:
         notes += selection_module.notes(selection, titles)
     pooled = _check_versions(runs, titles, pool_versions, notes)
+    _check_teachers(runs, titles, pool_versions, notes)
     columns = _columns(runs, chosen)
     cells = _cells(runs, chosen, rows, columns, titles, confidence, notes)
     _mark_versions(cells, runs, notes)
@@ -553,6 +579,29 @@ def _check_versions(runs: pd.DataFrame, titles: Mapping[str, str], pool_versions
         notes.append(f"{setting}, {titles[row]}: pooled over {len(versions)} code versions "
                      f"(--pool-versions): {listing}")
     return pooled
+
+
+def _check_teachers(runs: pd.DataFrame, titles: Mapping[str, str], pool_versions: bool,
+                    notes: list[str]) -> None:
+    """Refuse (or, asked to, allow and note) a column whose done records name more than one
+    set of weights for one teacher run: some of its students distilled a teacher retrained
+    after them, and their comparison with the others is not one experiment."""
+    done = runs[(runs["status"] == "done") & runs["teacher_weights"].notna()]
+    for (setting, _), group in done.groupby(["setting", "teacher_run"], sort=False):
+        if group["teacher_weights"].nunique() < 2:
+            continue
+        listing = "; ".join(
+            f"{short(sha)}: {len(of_sha)} record{'s' if len(of_sha) != 1 else ''} "
+            f"({', '.join(dict.fromkeys(titles.get(row, row) for row in of_sha['row']))})"
+            for sha, of_sha in group.groupby("teacher_weights", sort=False))
+        if not pool_versions:
+            raise UserError(
+                f"{setting}: its records name {group['teacher_weights'].nunique()} different "
+                f"weights of one teacher ({listing}); the teacher was retrained between its "
+                "students. `kdbench run --retrain-stale` retrains the students of other weights "
+                "than the stored teacher's; or pass --pool-versions to tabulate them anyway (noted)")
+        notes.append(f"{setting}: its records name different weights of one teacher "
+                     f"(--pool-versions): {listing}")
 
 
 def _how_to_choose(students: Sequence[str]) -> str:

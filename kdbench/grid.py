@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kdbench.spec import FP32, STUDENT, TEACHER, RunSpec, record_precision
-from kdbench.staleness import CodeVersion, is_stale, stale_summary
+from kdbench.staleness import (CodeVersion, distilled_from_other_teacher, is_stale,
+                                other_teacher_summary, stale_summary)
 from kdbench.store import CorruptRecord, Store, sha256_file
 from kdbench.sweep import Sweep
 
@@ -144,11 +145,42 @@ def installed_code(method: str) -> InstalledCode:
     return InstalledCode(CodeVersion(sources.combined_sha256(files), TRAINING_VERSION), files)
 
 
-def stale_runs(states: list[RunState]) -> dict[str, list[RunState]]:
+class StoredTeachers:
+    """The checksum of each student's stored teacher weights, read once per teacher."""
+
+    def __init__(self, store: Store | None):
+        self.store = store
+        self.checksums: dict[str, str | None] = {}
+
+    def weights(self, spec: RunSpec) -> str | None:
+        """The sha256 of the weights stored for ``spec``'s teacher; None where none is stored
+        (not trained yet, failed, unreadable) or there is no store to look in."""
+        if self.store is None or spec.role != STUDENT:
+            return None
+        teacher_id = spec.teacher_spec().id
+        if teacher_id not in self.checksums:
+            try:
+                record = self.store.read(teacher_id)
+            except CorruptRecord:
+                record = None
+            weights = record.get("teacher_weights") if record and record.get("status") == "done" else None
+            self.checksums[teacher_id] = weights.get("sha256") if isinstance(weights, dict) else None
+        return self.checksums[teacher_id]
+
+    def other(self, state: RunState) -> bool:
+        """Whether the done student ``state`` was distilled from other teacher weights than
+        its teacher's stored ones (a teacher retrained or replaced after it)."""
+        return state.record is not None and distilled_from_other_teacher(state.record, self.weights(state.spec))
+
+
+def stale_runs(states: list[RunState], store: Store | None = None) -> dict[str, list[RunState]]:
     """The done student runs whose records were made by other code than the installed one,
-    by method (in the order the methods first appear). Teachers are inputs, identified by
-    their weights' checksum, and are not judged here."""
+    by method (in the order the methods first appear), and, given the ``store`` their
+    teachers are in, those distilled from other teacher weights than the stored teacher's.
+    Teachers themselves are inputs, identified by their weights' checksum, and are not judged
+    here."""
     installed: dict[str, InstalledCode] = {}
+    teachers = StoredTeachers(store)
     stale: dict[str, list[RunState]] = {}
     for state in states:
         if state.state != "done" or state.spec.role != STUDENT or state.record is None:
@@ -156,15 +188,24 @@ def stale_runs(states: list[RunState]) -> dict[str, list[RunState]]:
         method = state.spec.method
         if method not in installed:
             installed[method] = installed_code(method)
-        if is_stale(state.record, installed[method].version):
+        if is_stale(state.record, installed[method].version) or teachers.other(state):
             stale.setdefault(method, []).append(state)
     return stale
 
 
-def stale_lines(stale: dict[str, list[RunState]]) -> list[str]:
-    """One line per method, as ``stale_summary`` words it."""
+def stale_lines(stale: dict[str, list[RunState]], store: Store | None = None) -> list[str]:
+    """One line per method and reason: ``stale_summary``'s for other code, and
+    ``other_teacher_summary``'s per stored teacher for other teacher weights."""
+    teachers = StoredTeachers(store)
     lines = []
     for method, states in stale.items():
         code = installed_code(method)
-        lines.append(stale_summary(method, [state.record for state in states], code.version, code.files))
+        by_code = [state.record for state in states if is_stale(state.record, code.version)]
+        if by_code:
+            lines.append(stale_summary(method, by_code, code.version, code.files))
+        by_teacher: dict[str, list[dict[str, Any]]] = {}
+        for state in states:
+            if teachers.other(state):
+                by_teacher.setdefault(teachers.weights(state.spec), []).append(state.record)
+        lines += [other_teacher_summary(method, records, stored) for stored, records in by_teacher.items()]
     return lines

@@ -94,8 +94,9 @@ def run_plan(plan: Plan) -> int:
 
 
 def check_stale(launch: Launch, states: list, store) -> set[str]:
-    """Stored results made by other code than the installed (kdbench/staleness.py): one line
-    per method, and the user's choice. Returns the ids to retrain.
+    """Stored results made by other code than the installed, or distilled from other teacher
+    weights than the stored teacher's (kdbench/staleness.py): one line per method and reason,
+    and the user's choice. Returns the ids to retrain.
 
     Without --retrain-stale or --keep-stale it stops before anything is trained or written
     (exit 2): a re-run would otherwise either mix two versions in one table or discard
@@ -103,17 +104,17 @@ def check_stale(launch: Launch, states: list, store) -> set[str]:
     the old records to runs/stale/ (never deleted) before the runs are redone."""
     from kdbench.grid import stale_lines, stale_runs
 
-    stale = stale_runs(states)
+    stale = stale_runs(states, store)
     if not stale:
         return set()
     choice = {"ask": "--retrain-stale retrains them, --keep-stale keeps them",
               "retrain": "retraining them (--retrain-stale)", "keep": "kept (--keep-stale)"}[launch.stale]
-    for line in stale_lines(stale):
+    for line in stale_lines(stale, store):
         print(f"kdbench: {line}; {choice}", file=sys.stderr, flush=True)
     count = sum(len(runs) for runs in stale.values())
     if launch.stale == "ask":
         raise UserError(f"{count} stored result{'s were' if count != 1 else ' was'} made by other code "
-                        "than the installed (above): choose --retrain-stale or --keep-stale; nothing was run")
+                        "than the installed or from another teacher (above): choose --retrain-stale or --keep-stale; nothing was run")
     if launch.stale == "keep":
         return set()
     ids = {state.spec.id for runs in stale.values() for state in runs}

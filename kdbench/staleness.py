@@ -14,6 +14,14 @@ compute what this one does.
 ``kdbench run`` compares stored records with the installed code (kdbench/grid.py) and
 ``kdbench table`` groups the records of a cell by version (``group_by_code_version``), so
 that two versions are never pooled into one mean without saying so.
+
+A distilled student's result also depends on its teacher's weights, which its run id does not
+hold (the teacher's id names how it is trained, not the bits it ended with: a teacher retrained
+on another machine or thread count can differ). A student's provenance stores
+``teacher_weights_sha256``, the checksum of the weights it distilled from; a record whose
+checksum is not the stored teacher's was distilled from another teacher
+(``distilled_from_other_teacher``). A record without one (made before it was recorded, or a
+method that uses no teacher) is not judged: nothing says which teacher it had.
 """
 
 from __future__ import annotations
@@ -98,3 +106,28 @@ def changed_files(records: list[Mapping[str, Any]], installed_files: Mapping[str
 
 def short(sha: str | None) -> str:
     return f"{sha[:SHORT]}…" if sha else "not recorded"
+
+
+def teacher_weights_of(record: Mapping[str, Any]) -> str | None:
+    """The sha256 of the teacher weights a student record was distilled from (None: not
+    recorded, or no teacher used)."""
+    return (record.get("provenance") or {}).get("teacher_weights_sha256")
+
+
+def distilled_from_other_teacher(record: Mapping[str, Any], stored_teacher: str | None) -> bool:
+    """Whether ``record`` names other teacher weights than ``stored_teacher`` (the sha256 of
+    the teacher now stored for it; None: no teacher stored, nothing to compare with)."""
+    recorded = teacher_weights_of(record)
+    return recorded is not None and stored_teacher is not None and recorded != stored_teacher
+
+
+def other_teacher_summary(method: str, stale: list[Mapping[str, Any]], stored_teacher: str) -> str:
+    """One line for the ``stale`` records of ``method`` that ``distilled_from_other_teacher``,
+    e.g. "kd: 5 stored results were distilled from other teacher weights (sha256 abc…) than the
+    stored teacher's (def…)"."""
+    count = len(stale)
+    old = sorted({teacher_weights_of(record) or "" for record in stale})
+    results = f"{count} stored result{'s' if count != 1 else ''} {'were' if count != 1 else 'was'}"
+    return (f"{method}: {results} distilled from other teacher weights (sha256 "
+            f"{', '.join(short(sha) for sha in old)}) than the stored teacher's "
+            f"({short(stored_teacher)}): the teacher was retrained or replaced after them")

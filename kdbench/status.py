@@ -26,7 +26,8 @@ from kdbench.store import Store
 if TYPE_CHECKING:
     from kdbench.plan import Plan
 
-# "stale": stored and done, but made by other code than the installed (kdbench/staleness.py);
+# "stale": stored and done, but made by other code than the installed, or distilled from other
+# teacher weights than the stored teacher's (kdbench/staleness.py);
 # `run` asks whether to retrain or keep them. "done" counts the others.
 STATES = ("done", "stale", "failed", "running", "pending", "missing")
 LISTED = 20  # at most this many running/pending runs are listed one per line
@@ -161,7 +162,7 @@ def print_status(plan: Plan) -> int:
                 if submission.run_id not in known:
                     states.append(state_of(RunSpec.from_json(submission.spec), store))
     states, note = with_slurm(states, store, results)
-    stale = stale_runs(states)
+    stale = stale_runs(states, store)
     stale_ids = {state.spec.id for runs in stale.values() for state in runs}
     states = [dataclasses.replace(state, state="stale") if state.spec.id in stale_ids else state
               for state in states]
@@ -190,7 +191,7 @@ def print_status(plan: Plan) -> int:
             print(f"failed: {state.spec.label()} ({state.spec.id}): {error_line(state)}")
         elif state.state == "missing" and state.error:  # e.g. a teacher whose weights went missing
             print(f"missing: {state.spec.label()} ({state.spec.id}): {state.error}")
-    for line in stale_lines(stale):
+    for line in stale_lines(stale, store):
         print(f"stale: {line}; `kdbench run` retrains them with --retrain-stale, keeps them with --keep-stale")
     for path, reason in store.corrupt_records():
         if reason.startswith(f"{path}: not a readable"):

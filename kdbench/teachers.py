@@ -81,6 +81,12 @@ def load_teacher(teacher_spec: RunSpec, setting: Setting, dataset, store: Store)
     return model
 
 
+def stored_teacher_weights(teacher_spec: RunSpec, store: Store) -> str:
+    """The sha256 of the trained teacher's weights file (its record's; ``load_teacher`` has
+    checked the file against it): what a student's provenance names as its teacher."""
+    return store.read(teacher_spec.id)["teacher_weights"]["sha256"]
+
+
 TORCHVISION_WEIGHTS = "torchvision:"
 
 

@@ -328,6 +328,9 @@ class TrainingRun:
     # calls it), and per stage the parameters whose gradients train_step averages itself.
     ranks: distributed.Ranks = distributed.SOLO
     ddp: nn.Module | None = None
+    # The sha256 of the teacher weights it distils from (None: no teacher): its record's
+    # provenance names them, so a student of a retrained teacher is told apart.
+    teacher_weights_sha256: str | None = None
     ddp_syncs: bool = False  # DDP averages the student's gradients in this stage's backward
     averaged_parameters: list[nn.Parameter] | None = None
     # The current stage's state, made when the stage starts (``start_stage``).
@@ -642,10 +645,12 @@ def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe,
         # the taps, which hook the modules by name, and the checkpoint (same state_dict keys).
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     teacher: nn.Module | None = None
+    teacher_weights_sha256: str | None = None
     if method.uses_teacher and not is_teacher:
-        from kdbench.teachers import load_teacher  # teachers.py imports train.py
+        from kdbench.teachers import load_teacher, stored_teacher_weights  # teachers.py imports train.py
 
         loaded = load_teacher(spec.teacher_spec(), setting, stream, store)
+        teacher_weights_sha256 = stored_teacher_weights(spec.teacher_spec(), store)
         if shared["teacher"] is None:
             loaded = loaded.to(device)
             loaded.eval().requires_grad_(False)
@@ -679,6 +684,11 @@ def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe,
     # ---- resume ----------------------------------------------------------------------------
     checkpoint_path = store.checkpoint_path(spec.id)
     checkpoint = load_checkpoint(checkpoint_path, spec.id)
+    if checkpoint is not None and checkpoint.get("teacher_weights_sha256") not in (None, teacher_weights_sha256):
+        # Its first epochs distilled another teacher (retrained since): going on would mix two.
+        print(f"warning: ignoring checkpoint {checkpoint_path}: it distilled other teacher weights "
+              "than the stored teacher's; starting over", flush=True)
+        checkpoint = None
     history: list[dict[str, Any]] = []
     stage_index, epoch = 0, 0
     # The thread count of its checkpoint: on the CPU the numbers depend on it (the order of
@@ -713,7 +723,7 @@ def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe,
         kept=kept, log=log, sample=sample, report=report,
         parameter_bytes=parameter_bytes([student, method]),
         activation_bytes=activations.scaled(len(sample), recipe.batch_size), val_stream=val_stream,
-        ranks=ranks, ddp=ddp)
+        ranks=ranks, ddp=ddp, teacher_weights_sha256=teacher_weights_sha256)
     skip_finished_stages(run)
     # What progress displays count (kdbench.progress): every stage's epochs, and how many of
     # them the checkpoint had done (a resumed run).
@@ -752,6 +762,7 @@ def checkpoint_run(run: TrainingRun) -> None:
         "trained_seconds": run.trained_seconds, "images_seen": run.images_seen,
         **run.kept.checkpoint_state(),
         "threads": run.threads,
+        "teacher_weights_sha256": run.teacher_weights_sha256,
     })
 
 
@@ -996,6 +1007,8 @@ def run_record(run: TrainingRun, setting: settings.Setting, store: Store,
     if run.writes:
         record["student_weights"] = run.kept.keep(run.student, main[-1]["epoch"], best["epoch"],
                                                   last=record.get("teacher_weights"))
+    if run.teacher_weights_sha256 is not None:
+        record["provenance"]["teacher_weights_sha256"] = run.teacher_weights_sha256
     if run.ranks.distributed:
         record["provenance"]["distributed"] = distributed.provenance(run.ranks, spec.sync_bn)
     return record
