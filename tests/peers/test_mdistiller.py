@@ -34,7 +34,6 @@ mdistiller's feats dict.
 from __future__ import annotations
 
 import ast
-import importlib
 import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -46,17 +45,18 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from peer_helpers import assert_agree, gradients, import_package_module, peer_checkout
+from peer_helpers import assert_agree, gradients, import_peer_module, peer_checkout
 
 from kdbench.method import ROLES, Batch, FeatureShapes, Features, Progress
 
 ROOT = peer_checkout("KDBENCH_MDISTILLER", "mdistiller/distillers/DKD.py", "megvii-research/mdistiller")
-import_package_module(ROOT, "mdistiller.distillers")
+ALIAS = "mdistiller_peer"  # the checkout's package ``mdistiller``, imported under this name
+import_peer_module(ROOT, "mdistiller", ALIAS, "distillers")  # at collection, not in the first test
 
 
 def peer(name: str):
-    """mdistiller.distillers.<name> as a module (the package rebinds each name to its class)."""
-    return importlib.import_module(f"mdistiller.distillers.{name}")
+    """mdistiller/distillers/<name>.py as a module (its package rebinds each name to the class)."""
+    return import_peer_module(ROOT, "mdistiller", ALIAS, f"distillers.{name}")
 
 
 FP32 = 1e-5  # relative to the peer tensor's largest magnitude: fp32 rounding of either side
@@ -718,8 +718,8 @@ def test_feature_roles_are_mdistillers_features(arch: str) -> None:
     from kdbench.taps import FeatureTaps
     from kdbench.train import preact_norms
 
-    family = importlib.import_module("mdistiller.models.cifar.resnet" if arch.startswith("resnet")
-                                     else "mdistiller.models.cifar.wrn")
+    family = import_peer_module(ROOT, "mdistiller", ALIAS,
+                                "models.cifar.resnet" if arch.startswith("resnet") else "models.cifar.wrn")
     theirs = randomised(getattr(family, arch)(num_classes=CLASSES)).double().eval()
     ours = build_model(arch, CLASSES).double().eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
