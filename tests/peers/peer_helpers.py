@@ -131,3 +131,53 @@ def assert_gradients_close(check: str, ours: Sequence[Tensor], theirs: Sequence[
 def leaf(values: Tensor) -> Tensor:
     """A detached copy that requires grad: the same numbers for each codebase's own graph."""
     return values.detach().clone().requires_grad_(True)
+
+# --- used by test_mdistiller.py and test_dist.py -----------------------------------------------
+# (one loss file loaded alone, and comparisons of several tensors at once, recorded as above and
+# printed for ``pytest -s``)
+
+def import_file(path: Path, name: str) -> ModuleType:
+    """One peer file as a module of its own, without importing its package (whose ``__init__``
+    may pull in dependencies the loss itself does not need)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def gradients(value: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
+    """d value / d input for each input (zeros where it does not depend on it)."""
+    grads = torch.autograd.grad(value, list(inputs), allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
+def max_errors(ours: Sequence[Tensor], theirs: Sequence[Tensor]) -> tuple[float, float]:
+    """(max absolute error, that error relative to the peer's largest magnitude) over tensors
+    paired in order, computed in float64."""
+    if len(ours) != len(theirs):
+        raise ValueError(f"{len(ours)} tensors against {len(theirs)}")
+    worst_abs, worst_rel = 0.0, 0.0
+    for a, b in zip(ours, theirs):
+        if a.shape != b.shape:
+            raise AssertionError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+        a, b = a.detach().double(), b.detach().double()
+        error = (a - b).abs().max().item() if a.numel() else 0.0
+        scale = b.abs().max().item() if b.numel() else 0.0
+        worst_abs = max(worst_abs, error)
+        worst_rel = max(worst_rel, error / scale if scale > 0 else error)
+    return worst_abs, worst_rel
+
+
+def assert_agree(label: str, ours: Sequence[Tensor] | Tensor, theirs: Sequence[Tensor] | Tensor,
+                 rtol: float) -> tuple[float, float]:
+    """Fail unless every pair agrees to ``rtol`` times the peer tensor's largest magnitude; print
+    the errors (``pytest -s`` shows them: the numbers in RESULTS-*.md)."""
+    ours = [ours] if isinstance(ours, Tensor) else list(ours)
+    theirs = [theirs] if isinstance(theirs, Tensor) else list(theirs)
+    for a, b in zip(ours, theirs):
+        assert torch.isfinite(a).all() and torch.isfinite(b).all(), f"{label}: non-finite values"
+    absolute, relative = max_errors(ours, theirs)
+    record(label, "all", absolute, relative)
+    print(f"[peer] {label}: max abs error {absolute:.3g}, relative {relative:.3g}")
+    assert relative <= rtol, f"{label}: max abs error {absolute:.3g} = {relative:.3g} of the peer's scale > {rtol:g}"
+    return absolute, relative
