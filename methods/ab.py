@@ -147,7 +147,10 @@ class AB(Method):
             loss=lambda s, t, batch: self.boundary_terms(s, t),
             modules=[self.connectors],
             # Everything that feeds the deepest pre-activation output: the whole feature
-            # extractor, not the classifier (RepDistiller's get_feat_modules()).
+            # extractor, not the classifier. On ResNet students this is RepDistiller's
+            # get_feat_modules(); on WRN students the final BN trains here too (in train
+            # mode), which RepDistiller's init leaves out and in eval mode
+            # (tests/peers/RESULTS-repdistiller.md).
             student_up_to_stage=self.student_points[-1],
             student_role=PREACT_STAGES,
             lr_schedule="constant",  # helper/pretrain.py: a fixed learning rate

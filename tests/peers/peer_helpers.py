@@ -152,20 +152,15 @@ def gradients(value: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
 
 
 def max_errors(ours: Sequence[Tensor], theirs: Sequence[Tensor]) -> tuple[float, float]:
-    """(max absolute error, that error relative to the peer's largest magnitude) over tensors
-    paired in order, computed in float64."""
+    """``errors`` over tensors paired in order: the largest absolute error and the largest
+    relative one (each relative to its own peer tensor's largest magnitude)."""
     if len(ours) != len(theirs):
         raise ValueError(f"{len(ours)} tensors against {len(theirs)}")
-    worst_abs, worst_rel = 0.0, 0.0
     for a, b in zip(ours, theirs):
         if a.shape != b.shape:
             raise AssertionError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-        a, b = a.detach().double(), b.detach().double()
-        error = (a - b).abs().max().item() if a.numel() else 0.0
-        scale = b.abs().max().item() if b.numel() else 0.0
-        worst_abs = max(worst_abs, error)
-        worst_rel = max(worst_rel, error / scale if scale > 0 else error)
-    return worst_abs, worst_rel
+    pairs = [errors(a, b) for a, b in zip(ours, theirs)]
+    return max((a for a, _ in pairs), default=0.0), max((r for _, r in pairs), default=0.0)
 
 
 def assert_agree(label: str, ours: Sequence[Tensor] | Tensor, theirs: Sequence[Tensor] | Tensor,
