@@ -218,6 +218,20 @@ def compare(label: str, ours: Tensor, theirs: Tensor, inputs: list[Tensor], rtol
         assert_agree(f"{label} d/d module parameters", our_grads[count:], their_grads[count:], rtol)
 
 
+def run_side_by_side(name: str, overlay: str, method, teacher_arch: str, student_arch: str,
+                     batch: int, **teacher_draw):
+    """Features drawn for the pair (student, teacher, labels, in that order), mdistiller's
+    ``name`` distiller with its ``overlay`` config run on them, and kdbench's ``method`` on the
+    same: (student features, config, kdbench's total loss, mdistiller's loss_kd)."""
+    s = draw(student_arch, batch, torch.float32, True)
+    t = draw(teacher_arch, batch, torch.float32, False, **teacher_draw)
+    labels = torch.randint(0, CLASSES, (batch,))
+    cfg = mdistiller_config(overlay)
+    _, losses = getattr(peer(name), name)(StandIn(s), StandIn(t), cfg).forward_train(image=IMAGE, target=labels)
+    ours = total(method.loss(s.features(), t.features(), batch_of(labels), progress(0)))
+    return s, cfg, ours, losses["loss_kd"]
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
@@ -234,14 +248,10 @@ def test_kd(teacher_arch: str, student_arch: str) -> None:
     """KD.py kd_loss × KD.LOSS.KD_WEIGHT against kdbench's kd term, mdistiller's defaults."""
     from kdbench.methods.kd import KD
 
-    s = draw(student_arch, 16, torch.float32, True)
-    t = draw(teacher_arch, 16, torch.float32, False, logit_scale=4.0)
-    labels = torch.randint(0, CLASSES, (16,))
-    cfg = mdistiller_config("kd.yaml")
-    _, losses = peer("KD").KD(StandIn(s), StandIn(t), cfg).forward_train(image=IMAGE, target=labels)
     method = KD()
-    ours = total(method.loss(s.features(), t.features(), batch_of(labels), progress(0)))
-    compare("kd", ours, losses["loss_kd"], [s.logits], FP32)
+    s, cfg, ours, theirs = run_side_by_side("KD", "kd.yaml", method, teacher_arch, student_arch, 16,
+                                            logit_scale=4.0)
+    compare("kd", ours, theirs, [s.logits], FP32)
     assert method.ce_weight == cfg.KD.LOSS.CE_WEIGHT
 
 
@@ -419,14 +429,9 @@ def test_at(teacher_arch: str, student_arch: str) -> None:
     """AT.py forward_train: at_loss over feats[1:], FEAT_WEIGHT 1000, P 2."""
     from kdbench.methods.at import AT
 
-    s = draw(student_arch, 4, torch.float32, True)
-    t = draw(teacher_arch, 4, torch.float32, False)
-    labels = torch.randint(0, CLASSES, (4,))
-    cfg = mdistiller_config("at.yaml")
-    _, losses = peer("AT").AT(StandIn(s), StandIn(t), cfg).forward_train(image=IMAGE, target=labels)
     method = AT()
-    ours = total(method.loss(s.features(), t.features(), batch_of(labels), progress(0)))
-    compare("at", ours, losses["loss_kd"], list(s.stages), FP32)
+    s, cfg, ours, theirs = run_side_by_side("AT", "at.yaml", method, teacher_arch, student_arch, 4)
+    compare("at", ours, theirs, list(s.stages), FP32)
     assert (method.config.beta, method.config.p) == (cfg.AT.LOSS.FEAT_WEIGHT, cfg.AT.P)
 
 
@@ -437,14 +442,9 @@ def test_nst(teacher_arch: str, student_arch: str) -> None:
     mdistiller's term-by-term kernel sums."""
     from kdbench.methods.nst import NST
 
-    s = draw(student_arch, 2, torch.float32, True)
-    t = draw(teacher_arch, 2, torch.float32, False)
-    labels = torch.randint(0, CLASSES, (2,))
-    cfg = mdistiller_config("nst.yaml")
-    _, losses = peer("NST").NST(StandIn(s), StandIn(t), cfg).forward_train(image=IMAGE, target=labels)
     method = NST()
-    ours = total(method.loss(s.features(), t.features(), batch_of(labels), progress(0)))
-    compare("nst", ours, losses["loss_kd"], list(s.stages), FP32)
+    s, cfg, ours, theirs = run_side_by_side("NST", "nst.yaml", method, teacher_arch, student_arch, 2)
+    compare("nst", ours, theirs, list(s.stages), FP32)
     assert method.config.weight == cfg.NST.LOSS.FEAT_WEIGHT
 
 
@@ -453,14 +453,9 @@ def test_sp(teacher_arch: str, student_arch: str) -> None:
     """SP.py forward_train: similarity_loss on feats[-1] only, FEAT_WEIGHT 3000."""
     from kdbench.methods.sp import SP
 
-    s = draw(student_arch, 8, torch.float32, True)
-    t = draw(teacher_arch, 8, torch.float32, False)
-    labels = torch.randint(0, CLASSES, (8,))
-    cfg = mdistiller_config("sp.yaml")
-    _, losses = peer("SP").SP(StandIn(s), StandIn(t), cfg).forward_train(image=IMAGE, target=labels)
     method = SP()
-    ours = total(method.loss(s.features(), t.features(), batch_of(labels), progress(0)))
-    compare("sp", ours, losses["loss_kd"], list(s.stages), FP32)
+    s, cfg, ours, theirs = run_side_by_side("SP", "sp.yaml", method, teacher_arch, student_arch, 8)
+    compare("sp", ours, theirs, list(s.stages), FP32)
     assert method.config.gamma == cfg.SP.LOSS.FEAT_WEIGHT
 
 
@@ -470,14 +465,9 @@ def test_rkd(teacher_arch: str, student_arch: str) -> None:
     squared, eps 1e-12, FEAT_WEIGHT 1."""
     from kdbench.methods.rkd import RKD
 
-    s = draw(student_arch, 16, torch.float32, True)
-    t = draw(teacher_arch, 16, torch.float32, False)
-    labels = torch.randint(0, CLASSES, (16,))
-    cfg = mdistiller_config("rkd.yaml")
-    _, losses = peer("RKD").RKD(StandIn(s), StandIn(t), cfg).forward_train(image=IMAGE, target=labels)
     method = RKD()
-    ours = total(method.loss(s.features(), t.features(), batch_of(labels), progress(0)))
-    compare("rkd", ours, losses["loss_kd"], [s.pooled], FP32)
+    s, cfg, ours, theirs = run_side_by_side("RKD", "rkd.yaml", method, teacher_arch, student_arch, 16)
+    compare("rkd", ours, theirs, [s.pooled], FP32)
     assert (method.config.distance_weight * 1.0, method.config.angle_weight * 1.0) == (
         cfg.RKD.DISTANCE_WEIGHT * cfg.RKD.LOSS.FEAT_WEIGHT, cfg.RKD.ANGLE_WEIGHT * cfg.RKD.LOSS.FEAT_WEIGHT)
     assert not cfg.RKD.PDIST.SQUARED and not method.config.normalize

@@ -205,15 +205,21 @@ def test_initialisation_stages_train_repdistillers_feature_modules(network: str)
 # --- losses on feature maps, no trainable module -------------------------------------------------
 
 
+def loss_and_stage_gradients_agree(check: str, ours: Tensor, theirs: Tensor, ours_s: list[Tensor],
+                                   theirs_s: list[Tensor]) -> None:
+    """The two losses, then their gradients w.r.t. each of the five student feature maps."""
+    assert_close(check, "loss", ours, theirs)
+    ours.backward(), theirs.backward()
+    assert_gradients_close(check, ours_s, theirs_s, [f"f{k}" for k in range(5)])
+
+
 def test_sp_agrees() -> None:
     student, teacher = feature_maps("wrn_16_2", 8, 1), feature_maps("wrn_40_2", 8, 2)
     ours_s, theirs_s = [leaf(m) for m in student], [leaf(m) for m in student]
     ours = total(SP().loss(kdbench_features(ours_s), kdbench_features(teacher), batch_of(8), PROGRESS))
     # loops.py 'similarity': g_s = [feat_s[-2]], loss_kd = sum(criterion_kd(g_s, g_t)); -b 3000.
     theirs = 3000.0 * sum(zoo.Similarity()([theirs_s[-2]], [teacher[-2]]))
-    assert_close("sp", "loss", ours, theirs.squeeze())
-    ours.backward(), theirs.backward()
-    assert_gradients_close("sp", ours_s, theirs_s, [f"f{k}" for k in range(5)])
+    loss_and_stage_gradients_agree("sp", ours, theirs.squeeze(), ours_s, theirs_s)
 
 
 def test_at_agrees() -> None:
@@ -222,9 +228,7 @@ def test_at_agrees() -> None:
     ours = total(AT().loss(kdbench_features(ours_s), kdbench_features(teacher), batch_of(4), PROGRESS))
     # loops.py 'attention': g = feat[1:-1], loss_kd = sum(criterion_kd(g_s, g_t)); -b 1000.
     theirs = 1000.0 * sum(zoo.Attention()(theirs_s[1:-1], teacher[1:-1]))
-    assert_close("at", "loss", ours, theirs)
-    ours.backward(), theirs.backward()
-    assert_gradients_close("at", ours_s, theirs_s, [f"f{k}" for k in range(5)])
+    loss_and_stage_gradients_agree("at", ours, theirs, ours_s, theirs_s)
 
 
 def test_nst_agrees() -> None:
@@ -235,9 +239,7 @@ def test_nst_agrees() -> None:
     ours = total(NST().loss(kdbench_features(ours_s), kdbench_features(teacher), batch_of(4), PROGRESS))
     # loops.py 'nst': g = feat[1:-1], loss_kd = sum(criterion_kd(g_s, g_t)); -b 50.
     theirs = 50.0 * sum(zoo.NSTLoss()(theirs_s[1:-1], teacher[1:-1]))
-    assert_close("nst", "loss", ours, theirs)
-    ours.backward(), theirs.backward()
-    assert_gradients_close("nst", ours_s, theirs_s, [f"f{k}" for k in range(5)])
+    loss_and_stage_gradients_agree("nst", ours, theirs, ours_s, theirs_s)
 
 
 def test_rkd_agrees() -> None:
@@ -246,9 +248,7 @@ def test_rkd_agrees() -> None:
     ours = total(RKD().loss(kdbench_features(ours_s), kdbench_features(teacher), batch_of(8), PROGRESS))
     # loops.py 'rkd': feat[-1], RKDLoss() (w_d 25, w_a 50); -b 1.
     theirs = 1.0 * zoo.RKDLoss()(theirs_s[-1], teacher[-1])
-    assert_close("rkd", "loss", ours, theirs)
-    ours.backward(), theirs.backward()
-    assert_gradients_close("rkd", ours_s, theirs_s, [f"f{k}" for k in range(5)])
+    loss_and_stage_gradients_agree("rkd", ours, theirs, ours_s, theirs_s)
 
 
 def test_kd_agrees() -> None:
