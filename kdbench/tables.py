@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -72,8 +73,17 @@ class LatexMarkup:
                 "…": r"\ldots{}", "’": "'", "‘": "`", "“": "``", "”": "''", "<": r"\textless{}",
                 ">": r"\textgreater{}", "|": r"\textbar{}", "↑": r"$\uparrow$",
                 "↓": r"$\downarrow$", "‡": r"$\ddagger$", "◊": r"$\diamond$", "§": r"\S{}",
-                "\u202f": r"\,", "\u00a0": "~", "−": r"$-$", "∈": r"$\in$", "β": r"$\beta$",
-                "γ": r"$\gamma$", "τ": r"$\tau$"}
+                "\u202f": r"\,", "\u00a0": "~", "−": r"$-$", "∈": r"$\in$", "²": r"$^2$",
+                "³": r"$^3$", "‖": r"$\|$", "≠": r"$\neq$", "≈": r"$\approx$", "·": r"$\cdot$",
+                "∞": r"$\infty$", "√": r"$\surd$", "∑": r"$\sum$", "′": "'",
+                # Greek, as method notes write their symbols (LaTeX has no \omicron and no
+                # capitals that look Latin).
+                **{letter: f"$\\{name}$" for letter, name in zip(
+                    "αβγδεζηθικλμνξπρστυφχψωςΓΔΘΛΞΠΣΥΦΨΩ",
+                    ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota",
+                     "kappa", "lambda", "mu", "nu", "xi", "pi", "rho", "sigma", "tau", "upsilon",
+                     "phi", "chi", "psi", "omega", "varsigma", "Gamma", "Delta", "Theta",
+                     "Lambda", "Xi", "Pi", "Sigma", "Upsilon", "Phi", "Psi", "Omega"])}}
 
     def escape(self, text: str) -> str:
         out = []
@@ -82,9 +92,13 @@ class LatexMarkup:
                 out.append(self._SPECIAL[char])
             elif char in self._UNICODE:
                 out.append(self._UNICODE[char])
-            elif ord(char) > 126 or char in "\n\r\t":
-                # An error message may hold anything; an unknown glyph would stop pdflatex.
-                out.append(" " if char in "\n\r\t" else "?")
+            elif char in "\n\r\t":
+                out.append(" ")
+            elif ord(char) > 126:
+                # An error message may hold anything; an unknown glyph would stop pdflatex. A
+                # letter with an accent keeps its base letter (é → e), anything else is "?".
+                base = unicodedata.normalize("NFKD", char).encode("ascii", "ignore").decode()
+                out.append(self.escape(base) if base else "?")
             else:
                 out.append(char)
         return "".join(out)

@@ -332,3 +332,48 @@ def test_records_without_teacher_or_variants_in_other_settings(tmp_path: Path) -
     rows = markdown_rows(render_markdown(summary))
     assert rows["kd"][column_of(B, summary.settings)] == "—"
     assert any("resnet56-resnet20, kd: no runs" in note for note in summary.notes)
+
+
+def builtin_texts() -> list[str]:
+    """What a table may print from the built-ins: each method's title, paper and fidelity
+    note, each setting's description and recipe source."""
+    from kdbench import registry, settings
+
+    texts = []
+    for name in registry.names():
+        method = registry.get(name)
+        texts += [method(method.Config()).configured_display_name(), str(method.paper or ""),
+                  str(method.fidelity_note or "")]
+    for setting in settings.SETTINGS.values():
+        texts += [setting.description or "", setting.recipe_source or ""]
+    return texts
+
+
+def test_latex_loses_no_glyph_of_the_builtins() -> None:
+    """Every character the built-ins print has a LaTeX spelling (before, CC's note became
+    "?$\\Delta$???/B?"); an accent keeps its letter; only an unknown glyph becomes "?"."""
+    from kdbench.tables import LatexMarkup
+
+    markup = LatexMarkup()
+    for text in builtin_texts():
+        escaped = markup.escape(text)
+        assert escaped.isascii() and escaped.count("?") == text.count("?"), (text, escaped)
+    assert markup.escape("‖Δψ‖²") == r"$\|$$\Delta$$\psi$$\|$$^2$"
+    assert markup.escape("ε ≠ café 中") == r"$\epsilon$ $\neq$ cafe ?"
+
+
+@needs_latex
+def test_the_escaped_glyphs_compile_and_read_back(tmp_path: Path) -> None:
+    from kdbench.tables import LatexMarkup
+
+    text = "‖Δψ‖²/B², ε ≠ 0, αβγδ, Σ, résumé"
+    (tmp_path / "doc.tex").write_text("\\documentclass{article}\n\\begin{document}\n"
+                                      + LatexMarkup().escape(text) + "\n\\end{document}\n")
+    compiled = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert compiled.returncode == 0, compiled.stdout[-3000:]
+    pdf_text = subprocess.run(["pdftotext", "doc.pdf", "-"], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout
+    # pdftotext reads \Delta back as U+2206 and \epsilon as the lunate U+03F5.
+    for glyph in ("∆ψ", "αβγδ", "Σ", "ϵ", "resume"):
+        assert glyph in pdf_text, (glyph, pdf_text)
