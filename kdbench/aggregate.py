@@ -59,7 +59,9 @@ A student record names the teacher weights it distilled from
 (``provenance.teacher_weights_sha256``), a teacher record its own (``teacher_weights``). A
 column whose records name two weights of one teacher (a teacher retrained between its students)
 is refused like two code versions, and with ``pool_versions=True`` tabulated with a note.
-Records that name none (older ones, methods without a teacher) are not judged.
+Records that name none (older ones, methods without a teacher) are not judged. The same holds
+for the data (``provenance.data_sha256``, kdbench.data.fingerprint): a column trained on two
+copies of its dataset is refused.
 """
 
 from __future__ import annotations
@@ -342,13 +344,14 @@ def runs_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             "teacher_checkpoint_file": provenance.get("teacher_checkpoint_file"),
             "teacher_run": teacher_run,
             "teacher_weights": teacher_weights,
+            "data": provenance.get("data_sha256"),
         })
     columns = ["run_id", "status", "setting", "dataset", "teacher_arch", "student_arch",
                "recipe_source", "role", "method", "seed", "variant", "epochs", *METRICS,
                *VAL_METRICS, "held_out", "validation", "error", "git_commit", "finished_at", "precision", "display_name", "fidelity",
                "fidelity_note", "version", "resolved_config", "resolved_recipe",
                "train_subset", "teacher_checkpoint", "teacher_checkpoint_file", "teacher_run",
-               "teacher_weights"]
+               "teacher_weights", "data"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -483,6 +486,7 @@ def summarize(
         notes += selection_module.notes(selection, titles)
     pooled = _check_versions(runs, titles, pool_versions, notes)
     _check_teachers(runs, titles, pool_versions, notes)
+    _check_data(runs, titles, pool_versions, notes)
     columns = _columns(runs, chosen)
     cells = _cells(runs, chosen, rows, columns, titles, confidence, notes)
     _mark_versions(cells, runs, notes)
@@ -590,10 +594,7 @@ def _check_teachers(runs: pd.DataFrame, titles: Mapping[str, str], pool_versions
     for (setting, _), group in done.groupby(["setting", "teacher_run"], sort=False):
         if group["teacher_weights"].nunique() < 2:
             continue
-        listing = "; ".join(
-            f"{short(sha)}: {len(of_sha)} record{'s' if len(of_sha) != 1 else ''} "
-            f"({', '.join(dict.fromkeys(titles.get(row, row) for row in of_sha['row']))})"
-            for sha, of_sha in group.groupby("teacher_weights", sort=False))
+        listing = _by_checksum(group, "teacher_weights", titles)
         if not pool_versions:
             raise UserError(
                 f"{setting}: its records name {group['teacher_weights'].nunique()} different "
@@ -602,6 +603,32 @@ def _check_teachers(runs: pd.DataFrame, titles: Mapping[str, str], pool_versions
                 "than the stored teacher's; or pass --pool-versions to tabulate them anyway (noted)")
         notes.append(f"{setting}: its records name different weights of one teacher "
                      f"(--pool-versions): {listing}")
+
+
+def _check_data(runs: pd.DataFrame, titles: Mapping[str, str], pool_versions: bool,
+                notes: list[str]) -> None:
+    """Refuse (or, asked to, allow and note) a column whose done records were trained on
+    different data (``provenance.data_sha256``: another copy of the dataset, another subset):
+    its rows would not be one experiment. Records that name none are not judged."""
+    done = runs[(runs["status"] == "done") & runs["data"].notna()]
+    for setting, group in done.groupby("setting", sort=False):
+        if group["data"].nunique() < 2:
+            continue
+        listing = _by_checksum(group, "data", titles)
+        if not pool_versions:
+            raise UserError(
+                f"{setting}: its records were trained on {group['data'].nunique()} different "
+                f"copies of the data ({listing}); keep the records of one copy in the results, "
+                "or pass --pool-versions to tabulate them anyway (noted)")
+        notes.append(f"{setting}: its records were trained on different data (--pool-versions): {listing}")
+
+
+def _by_checksum(group: pd.DataFrame, column: str, titles: Mapping[str, str]) -> str:
+    """"abc…: 2 records (Teacher, KD); def…: 1 record (AT)", checksums in order of appearance."""
+    return "; ".join(
+        f"{short(sha)}: {len(of_sha)} record{'s' if len(of_sha) != 1 else ''} "
+        f"({', '.join(dict.fromkeys(titles.get(row, row) for row in of_sha['row']))})"
+        for sha, of_sha in group.groupby(column, sort=False))
 
 
 def _how_to_choose(students: Sequence[str]) -> str:

@@ -28,6 +28,7 @@ data's ``num_classes``, ``in_channels``, ``num_train``, ``train_labels`` and ``s
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pickle
 import struct
@@ -481,6 +482,22 @@ def open_source(dataset: str, options: Mapping[str, Any] | None, train_subset: i
     """A setting's data as its plugin opens it: a ``Dataset`` (in-memory tensors) or a source
     with a ``stream(...)`` method (see the module docstring)."""
     return dataset_plugin(dataset).open(dataset, dict(options or {}), _data_dir(data_dir), train_subset)
+
+
+def fingerprint(source) -> str | None:
+    """A sha256 of the data a run trains and tests on, as opened (after ``train_subset``), so a
+    record says which data made it: in-memory data hashes its tensors (pixels and labels of
+    both splits); another source, its ``fingerprint()`` if it has one (an ImageFolder: its
+    file list and labels). None where the source cannot say."""
+    if isinstance(source, Dataset):
+        digest = hashlib.sha256()
+        for tensor in (source.train_images, source.train_labels, source.test_images, source.test_labels):
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{tensor.dtype} {tuple(tensor.shape)};".encode())
+            digest.update(tensor.numpy().tobytes())
+        return digest.hexdigest()
+    own = getattr(source, "fingerprint", None)
+    return own() if callable(own) else None
 
 
 def stream_of(source, device: torch.device, batch_size: int, augmentation: Augmentation, seed: int,

@@ -226,6 +226,21 @@ class FolderSource:
     def train_labels(self) -> Tensor:
         return torch.tensor([self.train.targets[p] for p in self.positions], dtype=torch.long)
 
+    def fingerprint(self) -> str:
+        """A sha256 of which files it reads, with their labels (kdbench.data.fingerprint): the
+        training samples used and the validation split, by path relative to the root. The
+        files' bytes are not read (an ImageNet copy is 150 GB): a changed image under the same
+        name goes unnoticed, a missing, added or moved one does not."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for split, samples in (("train", [self.train.samples[p] for p in self.positions]),
+                               ("val", self.val.samples)):
+            root = Path(self.train.root if split == "train" else self.val.root)
+            for path, label in samples:
+                digest.update(f"{split}\t{Path(path).relative_to(root).as_posix()}\t{label}\n".encode())
+        return digest.hexdigest()
+
     def stream(self, device: torch.device, batch_size: int, augmentation, seed: int,
                workers: int) -> "FolderStream":
         """Its batches (kdbench.data.open_stream). Of the recipe's augmentation only ``flip``

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 import kdbench
 from kdbench import distributed, registry, settings, sources
-from kdbench.data import BatchStream, Dataset, open_source, stream_of
+from kdbench.data import BatchStream, Dataset, fingerprint, open_source, stream_of
 from kdbench.errors import UserError
 from kdbench.logs import EpochLog
 from kdbench.memory import ActivationCounter, fits, parameter_bytes
@@ -331,6 +331,7 @@ class TrainingRun:
     # The sha256 of the teacher weights it distils from (None: no teacher): its record's
     # provenance names them, so a student of a retrained teacher is told apart.
     teacher_weights_sha256: str | None = None
+    data_sha256: str | None = None  # the data it trained on (kdbench.data.fingerprint)
     ddp_syncs: bool = False  # DDP averages the student's gradients in this stage's backward
     averaged_parameters: list[nn.Parameter] | None = None
     # The current stage's state, made when the stage starts (``start_stage``).
@@ -478,6 +479,7 @@ def train_group(specs: list[RunSpec], store: Store, options: TrainOptions = Trai
     # stream also says the data's classes, channels and training-set size and labels.
     source = open_source(setting.dataset, setting.dataset_options, setting.train_subset,
                          options.data_dir)
+    data_sha256 = fingerprint(source)  # before a validation split: the data as the setting names it
     held_out = None  # the validation split (kdbench/validation.py), when the runs hold one out
     held_out_set = None
     if first.held_out is not None:
@@ -491,7 +493,7 @@ def train_group(specs: list[RunSpec], store: Store, options: TrainOptions = Trai
     if isinstance(source, Dataset):
         source = source.to(device)
     outcomes: dict[str, dict[str, Any] | Exception] = {}
-    shared: dict[str, Any] = {"teacher": None}
+    shared: dict[str, Any] = {"teacher": None, "data_sha256": data_sha256}
 
     def fail(spec: RunSpec, error: Exception, run: TrainingRun | None = None) -> None:
         if run is not None:
@@ -723,7 +725,8 @@ def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe,
         kept=kept, log=log, sample=sample, report=report,
         parameter_bytes=parameter_bytes([student, method]),
         activation_bytes=activations.scaled(len(sample), recipe.batch_size), val_stream=val_stream,
-        ranks=ranks, ddp=ddp, teacher_weights_sha256=teacher_weights_sha256)
+        ranks=ranks, ddp=ddp, teacher_weights_sha256=teacher_weights_sha256,
+        data_sha256=shared.get("data_sha256"))
     skip_finished_stages(run)
     # What progress displays count (kdbench.progress): every stage's epochs, and how many of
     # them the checkpoint had done (a resumed run).
@@ -1009,6 +1012,8 @@ def run_record(run: TrainingRun, setting: settings.Setting, store: Store,
                                                   last=record.get("teacher_weights"))
     if run.teacher_weights_sha256 is not None:
         record["provenance"]["teacher_weights_sha256"] = run.teacher_weights_sha256
+    if run.data_sha256 is not None:
+        record["provenance"]["data_sha256"] = run.data_sha256
     if run.ranks.distributed:
         record["provenance"]["distributed"] = distributed.provenance(run.ranks, spec.sync_bn)
     return record
