@@ -590,19 +590,12 @@ def _check_teachers(runs: pd.DataFrame, titles: Mapping[str, str], pool_versions
     """Refuse (or, asked to, allow and note) a column whose done records name more than one
     set of weights for one teacher run: some of its students distilled a teacher retrained
     after them, and their comparison with the others is not one experiment."""
-    done = runs[(runs["status"] == "done") & runs["teacher_weights"].notna()]
-    for (setting, _), group in done.groupby(["setting", "teacher_run"], sort=False):
-        if group["teacher_weights"].nunique() < 2:
-            continue
-        listing = _by_checksum(group, "teacher_weights", titles)
-        if not pool_versions:
-            raise UserError(
-                f"{setting}: its records name {group['teacher_weights'].nunique()} different "
-                f"weights of one teacher ({listing}); the teacher was retrained between its "
-                "students. `kdbench run --retrain-stale` retrains the students of other weights "
-                "than the stored teacher's; or pass --pool-versions to tabulate them anyway (noted)")
-        notes.append(f"{setting}: its records name different weights of one teacher "
-                     f"(--pool-versions): {listing}")
+    _refuse_mixed(runs, ["setting", "teacher_run"], "teacher_weights", titles, pool_versions, notes,
+                  mixed="its records name {count} different weights of one teacher",
+                  advice="the teacher was retrained between its students. `kdbench run "
+                         "--retrain-stale` retrains the students of other weights than the "
+                         "stored teacher's",
+                  noted="its records name different weights of one teacher")
 
 
 def _check_data(runs: pd.DataFrame, titles: Mapping[str, str], pool_versions: bool,
@@ -610,17 +603,26 @@ def _check_data(runs: pd.DataFrame, titles: Mapping[str, str], pool_versions: bo
     """Refuse (or, asked to, allow and note) a column whose done records were trained on
     different data (``provenance.data_sha256``: another copy of the dataset, another subset):
     its rows would not be one experiment. Records that name none are not judged."""
-    done = runs[(runs["status"] == "done") & runs["data"].notna()]
-    for setting, group in done.groupby("setting", sort=False):
-        if group["data"].nunique() < 2:
+    _refuse_mixed(runs, ["setting"], "data", titles, pool_versions, notes,
+                  mixed="its records were trained on {count} different copies of the data",
+                  advice="keep the records of one copy in the results",
+                  noted="its records were trained on different data")
+
+
+def _refuse_mixed(runs: pd.DataFrame, by: list[str], column: str, titles: Mapping[str, str],
+                  pool_versions: bool, notes: list[str], mixed: str, advice: str, noted: str) -> None:
+    """Per group of ``by`` (the setting first), the done records that name a checksum in
+    ``column`` must name one; records naming none are not judged."""
+    done = runs[(runs["status"] == "done") & runs[column].notna()]
+    for key, group in done.groupby(by, sort=False):
+        count = group[column].nunique()
+        if count < 2:
             continue
-        listing = _by_checksum(group, "data", titles)
+        setting, listing = key[0], _by_checksum(group, column, titles)
         if not pool_versions:
-            raise UserError(
-                f"{setting}: its records were trained on {group['data'].nunique()} different "
-                f"copies of the data ({listing}); keep the records of one copy in the results, "
-                "or pass --pool-versions to tabulate them anyway (noted)")
-        notes.append(f"{setting}: its records were trained on different data (--pool-versions): {listing}")
+            raise UserError(f"{setting}: {mixed.format(count=count)} ({listing}); {advice}; or pass "
+                            "--pool-versions to tabulate them anyway (noted)")
+        notes.append(f"{setting}: {noted} (--pool-versions): {listing}")
 
 
 def _by_checksum(group: pd.DataFrame, column: str, titles: Mapping[str, str]) -> str:
