@@ -494,7 +494,7 @@ def fingerprint(source) -> str | None:
         for tensor in (source.train_images, source.train_labels, source.test_images, source.test_labels):
             tensor = tensor.detach().cpu().contiguous()
             digest.update(f"{tensor.dtype} {tuple(tensor.shape)};".encode())
-            digest.update(tensor.numpy().tobytes())
+            digest.update(tensor.numpy())  # the buffer itself, not a copy of it
         return digest.hexdigest()
     own = getattr(source, "fingerprint", None)
     return own() if callable(own) else None

@@ -10,7 +10,7 @@ from typing import Any
 
 from kdbench.spec import FP32, STUDENT, TEACHER, RunSpec, record_precision
 from kdbench.staleness import (CodeVersion, distilled_from_other_teacher, is_stale,
-                                other_teacher_summary, stale_summary)
+                                other_teacher_summary, short, stale_summary, teacher_weights_of)
 from kdbench.store import CorruptRecord, Store, sha256_file
 from kdbench.sweep import Sweep
 
@@ -208,4 +208,29 @@ def stale_lines(stale: dict[str, list[RunState]], store: Store | None = None) ->
             if teachers.other(state):
                 by_teacher.setdefault(teachers.weights(state.spec), []).append(state.record)
         lines += [other_teacher_summary(method, records, stored) for stored, records in by_teacher.items()]
+    return lines
+
+
+def retrained_teacher_notes(teacher_states: list[RunState], student_states: list[RunState],
+                            store: Store) -> list[str]:
+    """A teacher trained again although its record is stored (its weights file went missing or
+    changed) may end in other weights than its stored students distilled: one line per such
+    teacher with students, saying how many and what happens next. Their comparison is made
+    only once the new weights exist, by the next `run` (stale) and by `table` (refused)."""
+    again = {state.spec.id: state for state in teacher_states if state.state == "missing" and state.error}
+    teachers = StoredTeachers(store)
+    students: dict[str, list[RunState]] = {}
+    for state in student_states:
+        if state.state == "done" and state.record is not None and teacher_weights_of(state.record):
+            teacher_id = state.spec.teacher_spec().id
+            if teacher_id in again:
+                students.setdefault(teacher_id, []).append(state)
+    lines = []
+    for teacher_id, of_teacher in students.items():
+        count = len(of_teacher)
+        lines.append(f"{again[teacher_id].spec.label()} is trained again; {count} stored student"
+                     f"{'s' if count != 1 else ''} distilled its earlier weights (sha256 "
+                     f"{short(teachers.weights(of_teacher[0].spec))}): if the new weights differ, "
+                     "the next `kdbench run` counts them as stale and `kdbench table` refuses "
+                     "their column")
     return lines

@@ -17,7 +17,7 @@ from kdbench.plan import Launch, Plan
 
 def run_plan(plan: Plan) -> int:
     """Train the plan's grid. Returns the exit code: 0, or 1 when a run failed."""
-    from kdbench.grid import state_of
+    from kdbench.grid import retrained_teacher_notes, state_of
     from kdbench.store import Store
 
     launch = plan.launch
@@ -58,6 +58,8 @@ def run_plan(plan: Plan) -> int:
     for state in teacher_states:
         if state.state == "missing" and state.error:  # e.g. its weights file went missing
             print(f"kdbench: {state.spec.label()}: {state.error}", flush=True)
+    for line in retrained_teacher_notes(teacher_states, student_states, store):
+        print(f"kdbench: note: {line}", flush=True)
     failed = []
     submitted = []
     if not todo_students and not todo_teachers:

@@ -94,11 +94,14 @@ class LatexMarkup:
                 out.append(self._UNICODE[char])
             elif char in "\n\r\t":
                 out.append(" ")
-            elif ord(char) > 126:
-                # An error message may hold anything; an unknown glyph would stop pdflatex. A
-                # letter with an accent keeps its base letter (é → e), anything else is "?".
-                base = unicodedata.normalize("NFKD", char).encode("ascii", "ignore").decode()
-                out.append(self.escape(base) if base else "?")
+            elif not " " <= char <= "~":
+                # An error message may hold anything; an unknown glyph or a control character
+                # would stop pdflatex. A letter with an accent keeps its base letter (é → e:
+                # canonical decomposition, marks dropped); anything else is "?" — never a
+                # compatibility decomposition, which would print 10⁴ as 104.
+                base = "".join(part for part in unicodedata.normalize("NFD", char)
+                               if not unicodedata.combining(part))
+                out.append(base if len(base) == 1 and base.isascii() and base.isalpha() else "?")
             else:
                 out.append(char)
         return "".join(out)

@@ -686,11 +686,14 @@ def build_run(spec: RunSpec, setting: settings.Setting, recipe: settings.Recipe,
     # ---- resume ----------------------------------------------------------------------------
     checkpoint_path = store.checkpoint_path(spec.id)
     checkpoint = load_checkpoint(checkpoint_path, spec.id)
-    if checkpoint is not None and checkpoint.get("teacher_weights_sha256") not in (None, teacher_weights_sha256):
-        # Its first epochs distilled another teacher (retrained since): going on would mix two.
-        print(f"warning: ignoring checkpoint {checkpoint_path}: it distilled other teacher weights "
-              "than the stored teacher's; starting over", flush=True)
-        checkpoint = None
+    # Its first epochs distilled another teacher (retrained since), or trained on another copy
+    # of the data: going on would mix two experiments in one run.
+    for key, now, what in (("teacher_weights_sha256", teacher_weights_sha256,
+                            "distilled other teacher weights than the stored teacher's"),
+                           ("data_sha256", shared.get("data_sha256"), "trained on other data")):
+        if checkpoint is not None and checkpoint.get(key) not in (None, now):
+            print(f"warning: ignoring checkpoint {checkpoint_path}: it {what}; starting over", flush=True)
+            checkpoint = None
     history: list[dict[str, Any]] = []
     stage_index, epoch = 0, 0
     # The thread count of its checkpoint: on the CPU the numbers depend on it (the order of
@@ -766,6 +769,7 @@ def checkpoint_run(run: TrainingRun) -> None:
         **run.kept.checkpoint_state(),
         "threads": run.threads,
         "teacher_weights_sha256": run.teacher_weights_sha256,
+        "data_sha256": run.data_sha256,
     })
 
 

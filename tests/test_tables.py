@@ -360,6 +360,9 @@ def test_latex_loses_no_glyph_of_the_builtins() -> None:
         assert escaped.isascii() and escaped.count("?") == text.count("?"), (text, escaped)
     assert markup.escape("‖Δψ‖²") == r"$\|$$\Delta$$\psi$$\|$$^2$"
     assert markup.escape("ε ≠ café 中") == r"$\epsilon$ $\neq$ cafe ?"
+    # Never a compatibility decomposition (10⁴ is not 104) nor a control character pdflatex
+    # stops at; DEL once made escape recurse forever.
+    assert markup.escape("10⁴ ½ x₁ \x7f \x1b[0m") == "10? ? x? ? ?[0m"
 
 
 @needs_latex

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from kdbench.cli import main
+from kdbench.data import fingerprint, load_dataset
 from kdbench.spec import RunSpec
 from kdbench.staleness import distilled_from_other_teacher, other_teacher_summary
 from kdbench.store import Store
@@ -137,7 +138,10 @@ def test_a_checkpoint_of_other_teacher_weights_is_not_resumed(results_with_teach
     process.wait()
     assert store.read(spec.id) is None, "killed too late: the run had finished"
     old = store.read(TEACHER.id)["teacher_weights"]["sha256"]
-    assert torch.load(store.checkpoint_path(spec.id), weights_only=False)["teacher_weights_sha256"] == old
+    checkpoint = torch.load(store.checkpoint_path(spec.id), weights_only=False)
+    assert checkpoint["teacher_weights_sha256"] == old
+    # It names its data too: resumed on another copy, it would start over the same way.
+    assert checkpoint["data_sha256"] == fingerprint(load_dataset("synthetic"))
 
     new = replace_teacher(results_with_teacher)
     reference = tmp_path / "reference"
@@ -176,3 +180,24 @@ def test_the_summary_names_both_checksums_and_counts() -> None:
     assert line == ("kd: 2 stored results were distilled from other teacher weights (sha256 "
                     "aaaaaaaaaaaa…, cccccccccccc…) than the stored teacher's (bbbbbbbbbbbb…): "
                     "the teacher was retrained or replaced after them")
+
+
+@pytest.mark.slow
+def test_a_teacher_trained_again_names_its_stored_students(results_with_teacher, capsys):
+    """Its weights file deleted, the teacher is retrained before new students; the stored KD
+    student distilled the earlier weights, which the launch says. On this CPU the retrain gives
+    the same bits, so afterwards nothing is stale and the table is one experiment."""
+    store = Store(results_with_teacher)
+    assert main(run_args(results_with_teacher)) == 0
+    old = store.read(TEACHER.id)["teacher_weights"]["sha256"]
+    store.teacher_path(TEACHER.id).unlink()
+    capsys.readouterr()
+    assert main(run_args(results_with_teacher, "--seeds", "2")) == 0
+    out = capsys.readouterr().out
+    assert (f"kdbench: note: {TEACHER.label()} is trained again; 1 stored student distilled its "
+            f"earlier weights (sha256 {old[:12]}…): if the new weights differ, the next `kdbench "
+            "run` counts them as stale and `kdbench table` refuses their column") in out, out
+    assert store.read(TEACHER.id)["teacher_weights"]["sha256"] == old
+    assert main(run_args(results_with_teacher, "--seeds", "2")) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert main(["table", "--results", str(results_with_teacher)]) == 0
