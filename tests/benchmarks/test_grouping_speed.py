@@ -62,6 +62,8 @@ def test_grouped_step_against_solo_steps_and_the_bound(benchmark, interleave, re
     teacher = calibrate_batch_norm(build_model(TEACHER, NUM_CLASSES, CHANNELS), sample)
     # The engine's teacher loader, given this calibrated teacher (no trained one here).
     monkeypatch.setattr(kdbench.teachers, "load_teacher", lambda *args, **kwargs: teacher)
+    # ... and no stored teacher record to name its weights: a stand-in checksum.
+    monkeypatch.setattr(kdbench.teachers, "stored_teacher_weights", lambda *args, **kwargs: "0" * 64)
     setting = dataclasses.replace(settings.get("cifar100/wrn_40_2-wrn_16_2"), train_subset=None)
     recipe = setting.recipe.with_overrides({"batch_size": batch_size})
     shared = {"teacher": None}
