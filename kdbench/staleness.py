@@ -83,7 +83,7 @@ def stale_summary(method: str, stale: list[Mapping[str, Any]], installed: CodeVe
         named = ", ".join("not recorded" if v is None else str(v) for v in old)
         reasons.append((len(other_engine), f"another engine (training_version {named} vs "
                         f"{installed.training_version})"))
-    results = f"{count} stored result{'s' if count != 1 else ''} {'were' if count != 1 else 'was'}"
+    results = stored_results(count)
     if len(reasons) == 1:
         return f"{method}: {results} made by {reasons[0][1]}"
     detail = "; ".join(f"{n} by {reason}" for n, reason in reasons)
@@ -102,6 +102,11 @@ def changed_files(records: list[Mapping[str, Any]], installed_files: Mapping[str
         changed |= {label for label in set(stored) | set(installed_files)
                     if stored.get(label) != installed_files.get(label)}
     return " + ".join(sorted(changed or installed_files)) or "the method's code"
+
+
+def stored_results(count: int) -> str:
+    """How both summaries begin: "1 stored result was", "5 stored results were"."""
+    return f"{count} stored result{'s' if count != 1 else ''} {'were' if count != 1 else 'was'}"
 
 
 def short(sha: str | None) -> str:
@@ -127,7 +132,7 @@ def other_teacher_summary(method: str, stale: list[Mapping[str, Any]], stored_te
     stored teacher's (def…)"."""
     count = len(stale)
     old = sorted({teacher_weights_of(record) or "" for record in stale})
-    results = f"{count} stored result{'s' if count != 1 else ''} {'were' if count != 1 else 'was'}"
+    results = stored_results(count)
     return (f"{method}: {results} distilled from other teacher weights (sha256 "
             f"{', '.join(short(sha) for sha in old)}) than the stored teacher's "
             f"({short(stored_teacher)}): the teacher was retrained or replaced after them")
